@@ -1,0 +1,58 @@
+# offload-prune: `make prune MODEL=...`, `make test`, `make bench`.
+# Every target sets itself up on first use: a venv with the project installed and,
+# when there is no NVIDIA GPU, the CPU build of torch (a bare `torch` pulls the CUDA build).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_CPU_SPEC ?= torch==2.13.0
+
+MODEL    ?=
+METHOD   ?= wanda
+SPARSITY ?= 0.5
+TYPE     ?= unstructured
+NSAMPLES ?= 128
+SEQLEN   ?= 2048
+CALIB    ?= c4
+EVAL     ?=
+ARGS     ?=
+DEMO     := out/demo-llama
+OUT      ?= out/$(if $(MODEL),$(notdir $(MODEL)),demo-llama)-$(METHOD)-$(subst :,of,$(TYPE))-$(SPARSITY)
+
+.PHONY: setup prune test bench bench-memory clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no NVIDIA GPU: installing the CPU build of torch ($(TORCH_CPU_SPEC))"; \
+		$(BIN)/python -m pip install -q "$(TORCH_CPU_SPEC)"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# With no MODEL: a small random Llama (generated locally, no network) shows the whole flow.
+prune: setup
+ifeq ($(MODEL),)
+	$(BIN)/python -m offload_prune.demo $(DEMO)
+	$(BIN)/offload-prune --model $(DEMO) --prune_method $(METHOD) --sparsity_ratio $(SPARSITY) \
+		--sparsity_type $(TYPE) --calib-data $(DEMO)/demo.txt --nsamples 16 --seqlen 128 \
+		--eval-ppl --eval-data $(DEMO)/demo.txt --save $(OUT) --overwrite $(ARGS)
+else
+	$(BIN)/offload-prune --model $(MODEL) --prune_method $(METHOD) --sparsity_ratio $(SPARSITY) \
+		--sparsity_type $(TYPE) --calib-data $(CALIB) --nsamples $(NSAMPLES) --seqlen $(SEQLEN) \
+		$(if $(EVAL),--eval-ppl --eval-data $(EVAL),) --save $(OUT) $(ARGS)
+endif
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup bench-memory
+
+bench-memory: setup
+	$(BIN)/python bench/memory.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,219 @@
+"""Reading a safetensors checkpoint one tensor group at a time, and writing the pruned one.
+
+Shards are opened only for the duration of a read: safe_open memory-maps the file, and a
+mapping kept open would count every page ever touched towards the process's RSS.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, PretrainedConfig
+
+from .config import OffloadPruneError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Everything beside the weights that a user expects to find in a model folder.
+SIDE_FILE_PATTERNS = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja")
+HUB_PATTERNS = ["*.safetensors", *SIDE_FILE_PATTERNS]
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local folder as is; otherwise a hub id fetched (weights as safetensors only) into the HF cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise OffloadPruneError(f"--model {model}: not a folder")
+        return path.resolve()
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise OffloadPruneError(f"--model {model}: no such folder")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, gated, missing: all end the run the same way
+        raise OffloadPruneError(f"--model {model}: not a local folder and the hub download failed "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+class CheckpointReader:
+    """Config, tensor map and per-tensor reads of a safetensors checkpoint folder."""
+
+    def __init__(self, model: str):
+        self.folder = resolve_model_path(model)
+        if not (self.folder / "config.json").is_file():
+            raise OffloadPruneError(f"{self.folder}: no config.json, not a Hugging Face model folder")
+        try:
+            self.config: PretrainedConfig = AutoConfig.from_pretrained(self.folder)
+        except Exception as exc:
+            raise OffloadPruneError(f"{self.folder}/config.json: {str(exc).splitlines()[0]}") from None
+        self.weight_map = self._read_weight_map()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._check_shards()
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                return dict(json.loads(index.read_text())["weight_map"])
+            except (ValueError, KeyError) as exc:
+                raise OffloadPruneError(f"{index}: unreadable index ({exc})") from None
+        if (self.folder / SINGLE_NAME).is_file():
+            return {name: SINGLE_NAME for name in self._open(SINGLE_NAME).keys()}
+        raise OffloadPruneError(f"{self.folder}: no {INDEX_NAME} or {SINGLE_NAME} "
+                                "(only safetensors checkpoints are supported)")
+
+    def _open(self, shard: str):
+        path = self.folder / shard
+        if not path.is_file():
+            raise OffloadPruneError(f"{path}: shard listed in the index is missing")
+        try:
+            return safe_open(path, framework="pt", device="cpu")
+        except Exception as exc:
+            raise OffloadPruneError(f"{path}: unreadable safetensors shard "
+                                    f"({str(exc).splitlines()[0]}); truncated download?") from None
+
+    def _check_shards(self) -> None:
+        """Every shard opens (safetensors checks the header against the file size) and holds its tensors."""
+        for shard, names in _by_shard(self.weight_map).items():
+            with self._open(shard) as handle:
+                present = set(handle.keys())
+                for name in names:
+                    if name not in present:
+                        raise OffloadPruneError(f"{self.folder / shard}: tensor {name} listed in the index is missing")
+                    piece = handle.get_slice(name)
+                    self.shapes[name] = tuple(piece.get_shape())
+                    self.dtypes[name] = _SAFETENSORS_DTYPES[piece.get_dtype()]
+
+    def shard_files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def max_shard_bytes(self) -> int:
+        return max((self.folder / shard).stat().st_size for shard in self.shard_files())
+
+    def nbytes(self, name: str) -> int:
+        numel = 1
+        for dim in self.shapes[name]:
+            numel *= dim
+        return numel * self.dtypes[name].itemsize
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, in their stored dtype, on the CPU."""
+        out: dict[str, torch.Tensor] = {}
+        for shard, shard_names in _by_shard({n: self.weight_map[n] for n in names}).items():
+            with self._open(shard) as handle:
+                for name in shard_names:
+                    out[name] = handle.get_tensor(name)
+        return out
+
+    def identity(self) -> dict:
+        """What identifies this checkpoint for resuming, cheap enough for 140 GB: the config and every
+        shard's safetensors header (names, dtypes, shapes, offsets) and size."""
+        digest = hashlib.sha256((self.folder / "config.json").read_bytes())
+        for shard in self.shard_files():
+            path = self.folder / shard
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(shard.encode() + f.read(header_len))
+            digest.update(str(path.stat().st_size).encode())
+        return {"folder": str(self.folder), "sha256_of_headers": digest.hexdigest()}
+
+
+def _by_shard(weight_map: dict[str, str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name, shard in weight_map.items():
+        groups[shard].append(name)
+    return dict(groups)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class ShardLayout:
+    """Where each output tensor goes, fixed before the run starts.
+
+    Each unit (one decoder block, or the tensors outside the blocks) is packed into its own
+    shards, none larger than the input's largest shard, so a finished block can be written at
+    once, on its own, under its final file name.
+    """
+
+    def __init__(self, units: list[list[str]], nbytes: dict[str, int], max_shard_bytes: int):
+        self.unit_shards: list[list[list[str]]] = [_pack(unit, nbytes, max_shard_bytes) for unit in units]
+        total = sum(len(shards) for shards in self.unit_shards)
+        self.file_names: list[list[str]] = []
+        number = 0
+        for shards in self.unit_shards:
+            names = []
+            for _ in shards:
+                number += 1
+                names.append(f"model-{number:05d}-of-{total:05d}.safetensors")
+            self.file_names.append(names)
+        self.total_size = sum(nbytes[name] for unit in units for name in unit)
+
+    def weight_map(self) -> dict[str, str]:
+        return {name: file for shards, files in zip(self.unit_shards, self.file_names)
+                for shard, file in zip(shards, files) for name in shard}
+
+    def write_unit(self, unit: int, folder: Path, tensors: dict[str, torch.Tensor],
+                   after_each_file=None) -> None:
+        for shard, file in zip(self.unit_shards[unit], self.file_names[unit]):
+            atomic_save_file({name: tensors[name].contiguous() for name in shard}, folder / file)
+            if after_each_file:
+                after_each_file()
+
+    def write_index(self, folder: Path) -> None:
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map().items()))}
+        atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+
+
+def _pack(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        if shards[-1] and size + nbytes[name] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes[name]
+    return [shard for shard in shards if shard]
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    _fsync_and_replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync_and_replace(tmp, path)
+
+
+def _fsync_and_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Config, generation config, tokenizer and the like; never weights or a stale index."""
+    copied = []
+    for pattern in SIDE_FILE_PATTERNS:
+        for path in sorted(src.glob(pattern)):
+            if path.name in (INDEX_NAME, "report.json") or not path.is_file():
+                continue
+            shutil.copyfile(path, dst / path.name)
+            copied.append(path.name)
+    return copied

@@ -1,0 +1,100 @@
+"""Command line: `offload-prune [prune] --model ... --prune_method wanda ...` and `offload-prune eval ...`.
+
+Flags keep the spellings of the SparseGPT / Wanda / NeuronRank scripts (`--prune_method`,
+`--sparsity_ratio`); each also answers to the other separator (`--sparsity-ratio`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import DTYPES, METHODS, OffloadPruneError, PruneConfig
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    spellings = [f"--{name}"]
+    other = name.replace("_", "-") if "_" in name else name.replace("-", "_")
+    if other != name:
+        spellings.append(f"--{other}")
+    parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "model", required=True, help="local Hugging Face model folder or hub id")
+    _flag(parser, "seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    _flag(parser, "device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
+    _flag(parser, "dtype", default="auto", choices=DTYPES,
+          help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
+    _flag(parser, "micro-batch-size", type=int, default=1, help="windows per forward call (default 1)")
+    _flag(parser, "offload-activations", default="ram", choices=("ram", "disk"),
+          help="keep cached activations in RAM or in a memory-mapped file")
+    _flag(parser, "eval-data", default=None, help="text file (or wikitext2) for perplexity")
+    _flag(parser, "eval-max-windows", type=int, default=None, help="evaluate at most this many windows")
+    _flag(parser, "quiet", action="store_true", help="no progress bars or summary")
+
+
+def prune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload-prune", description=(
+        "Prune a Hugging Face causal LM block by block from its safetensors shards. "
+        "Other commands: `offload-prune eval --model X --eval-data F`."))
+    _common(parser)
+    _flag(parser, "save", type=Path, default=None, help="output folder for the pruned model (required)")
+    _flag(parser, "prune_method", default="wanda", choices=METHODS)
+    _flag(parser, "sparsity_ratio", type=float, default=0.5, help="fraction of weights to prune (unstructured)")
+    _flag(parser, "sparsity_type", default="unstructured", help="unstructured or N:M such as 2:4, 4:8")
+    _flag(parser, "calib-data", default="c4", help="text file, folder, jsonl, wikitext2 or c4 (default c4)")
+    _flag(parser, "nsamples", type=int, default=128, help="calibration windows (default 128)")
+    _flag(parser, "seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    _flag(parser, "eval-ppl", action="store_true", help="perplexity of the dense and the pruned model")
+    _flag(parser, "resume", action="store_true", help="continue the unfinished run in --save")
+    _flag(parser, "overwrite", action="store_true", help="replace the contents of a non-empty --save")
+    return parser
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload-prune eval",
+                                     description="Perplexity of a model, streamed block by block.")
+    _common(parser)
+    return parser
+
+
+def run_eval(argv: list[str]) -> int:
+    from .checkpoint import CheckpointReader
+    from .evaluate import evaluate_text
+    from .pipeline import load_tokenizer, pick_device, pick_dtype
+
+    args = eval_parser().parse_args(argv)
+    if not args.eval_data:
+        raise OffloadPruneError("eval needs --eval-data")
+    reader = CheckpointReader(args.model)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device, reader)
+    result = evaluate_text(reader, args.eval_data, args.seqlen, args.eval_max_windows, device, dtype,
+                           load_tokenizer(reader.folder), micro_batch_size=args.micro_batch_size,
+                           on_disk=args.offload_activations == "disk", quiet=args.quiet)
+    print(json.dumps({"model": str(reader.folder), **result}))
+    return 0
+
+
+def run_prune(argv: list[str]) -> int:
+    from .pipeline import prune
+
+    args = vars(prune_parser().parse_args(argv))
+    prune(PruneConfig(**args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("prune", "eval") else "prune"
+    try:
+        return run_eval(argv) if command == "eval" else run_prune(argv)
+    except OffloadPruneError as exc:
+        print(f"offload-prune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("offload-prune: interrupted; every finished block is saved: run the same command again "
+              "to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,84 @@
+"""One dataclass for every option of a run, validated once before any weight is read."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class OffloadPruneError(Exception):
+    """An error the user can act on; the CLI prints it as one line and exits non-zero."""
+
+
+METHODS = ("magnitude", "wanda")
+ACTIVATION_STORES = ("ram", "disk")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class PruneConfig:
+    model: str
+    save: Path | None = None
+    prune_method: str = "wanda"
+    sparsity_ratio: float = 0.5
+    sparsity_type: str = "unstructured"
+    calib_data: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    micro_batch_size: int = 1
+    offload_activations: str = "ram"
+    eval_ppl: bool = False
+    eval_data: str | None = None
+    eval_max_windows: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    # Derived by validate(): (pruned per group, group size) for N:M, else None.
+    nm: tuple[int, int] | None = field(default=None, init=False)
+
+    def validate(self) -> "PruneConfig":
+        if self.prune_method not in METHODS:
+            raise OffloadPruneError(
+                f"--prune_method {self.prune_method!r} is not one of {', '.join(METHODS)}")
+        if not 0.0 <= self.sparsity_ratio < 1.0:
+            raise OffloadPruneError(f"--sparsity_ratio must be in [0, 1), got {self.sparsity_ratio}")
+        self.nm = parse_sparsity_type(self.sparsity_type)
+        for name in ("nsamples", "seqlen", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise OffloadPruneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_max_windows is not None and self.eval_max_windows < 1:
+            raise OffloadPruneError("--eval-max-windows must be >= 1")
+        if self.offload_activations not in ACTIVATION_STORES:
+            raise OffloadPruneError(f"--offload-activations must be one of {ACTIVATION_STORES}")
+        if self.dtype not in DTYPES:
+            raise OffloadPruneError(f"--dtype must be one of {DTYPES}")
+        if self.eval_ppl and not self.eval_data:
+            raise OffloadPruneError("--eval-ppl needs --eval-data (a local text file, or wikitext2 with `datasets`)")
+        return self
+
+    @property
+    def effective_sparsity(self) -> float:
+        return self.nm[0] / self.nm[1] if self.nm else self.sparsity_ratio
+
+    def result_options(self) -> dict:
+        """The options that change the pruned weights: what a resumed run must share."""
+        skip = {"model", "save", "eval_ppl", "eval_data", "eval_max_windows", "resume",
+                "overwrite", "quiet", "offload_activations", "nm"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+def parse_sparsity_type(text: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M): N weights of every M consecutive inputs are pruned."""
+    if text == "unstructured":
+        return None
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise OffloadPruneError(
+            f"--sparsity_type must be 'unstructured' or N:M such as 2:4, got {text!r}") from None
+    if not 0 < n < m:
+        raise OffloadPruneError(f"--sparsity_type {text}: N:M needs 0 < N < M")
+    return n, m

@@ -1,0 +1,30 @@
+"""Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, compared within each output row.
+
+||X_j||_2 is the norm of input feature j over every calibration token. The squares are summed
+in float64 so the sum does not depend on how tokens were split into micro-batches.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import ScoreMaskMethod
+
+
+class Wanda(ScoreMaskMethod):
+    per_row = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.sum_squares: dict[str, torch.Tensor] = {}
+
+    def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        squares = (x * x).sum(dim=0)
+        if name in self.sum_squares:
+            self.sum_squares[name] += squares
+        else:
+            self.sum_squares[name] = squares
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        input_norm = self.sum_squares.pop(name).sqrt().to(weight.device, torch.float32)
+        return weight.abs() * input_norm

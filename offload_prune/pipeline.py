@@ -1,0 +1,184 @@
+"""Prune a checkpoint block by block, never holding more than one decoder block of weights.
+
+calibration windows -> layer-0 inputs (embedding only) -> for each block: load its tensors,
+collect the method's statistics, prune, run the windows again through the pruned block (its
+outputs feed the next block, as SparseGPT and Wanda propagate), write the block's shards,
+persist the next inputs and the manifest -> copy the tensors outside the blocks, index, config
+and tokenizer files -> report (and perplexity, streamed the same way).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from . import __version__
+from .activations import ActivationStore
+from .calibration import load_text, sample_windows, tokenize
+from .checkpoint import CheckpointReader, ShardLayout, copy_side_files
+from .config import OffloadPruneError, PruneConfig
+from .evaluate import evaluate_text
+from .methods import build_method
+from .report import (PhaseTimer, format_summary, module_stats, peak_device_bytes,
+                     peak_host_rss_bytes, totals, write_report)
+from .runstate import RunState
+from .skeleton import StreamedModel, run_windows
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for the resume tests: OFFLOAD_PRUNE_KILL_AT=<name> SIGKILLs the process here."""
+    if os.environ.get("OFFLOAD_PRUNE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OffloadPruneError(f"--device {requested}: CUDA is not available here")
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device, reader: CheckpointReader) -> torch.dtype:
+    """Compute dtype. On the CPU float32 (half-precision matmuls there are slow or missing); on a GPU
+    the checkpoint's own floating dtype, in which pruned values cast back bit-exactly."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cpu":
+        return torch.float32
+    stored = [d for d in reader.dtypes.values() if d.is_floating_point]
+    return max(set(stored), key=stored.count) if stored else torch.float32
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+
+def load_tokenizer(folder):
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise OffloadPruneError(f"{folder}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def prune(config: PruneConfig) -> dict:
+    config.validate()
+    if config.save is None:
+        raise OffloadPruneError("--save is required: the folder the pruned model is written to")
+    timer = PhaseTimer()
+    quiet = config.quiet
+    reader = CheckpointReader(config.model)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device, reader)
+    streamed = StreamedModel(reader, device, dtype)
+    method = build_method(config)
+    tokenizer = load_tokenizer(reader.folder)
+
+    with timer("calibration"):
+        windows = sample_windows(tokenize(tokenizer, load_text(config.calib_data)),
+                                 config.nsamples, config.seqlen, config.seed)
+    fingerprint = {
+        "checkpoint": reader.identity(),
+        "calibration_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        "options": config.result_options(),
+        "device": device.type,
+        "versions": {"offload_prune": __version__, "torch": torch.__version__},
+    }
+    state = RunState.prepare(config.save, reader.folder, fingerprint, config.overwrite, config.resume)
+    save = state.save
+    resuming = state.completed_blocks > 0 or state.manifest["captured"]
+    if resuming and not quiet:
+        print(f"resuming {save}: {state.completed_blocks} of {streamed.num_layers} blocks already done",
+              file=sys.stderr)
+
+    layout = ShardLayout([streamed.outside_names] + [streamed.block_names(i) for i in range(streamed.num_layers)],
+                         {n: reader.nbytes(n) for n in reader.weight_map}, reader.max_shard_bytes())
+    store = ActivationStore(state.dir, (len(windows), config.seqlen, reader.config.hidden_size), dtype,
+                            on_disk=config.offload_activations == "disk")
+
+    if not state.manifest["captured"]:
+        with timer("capture"):
+            streamed.load_outside(with_head=False)
+            layer0_inputs = store.create(0)
+            layer_kwargs = streamed.capture_into(windows, layer0_inputs, quiet, "calibration: embed")
+            state.save_layer_kwargs(layer_kwargs)
+            store.commit(0)
+            state.commit(captured=True)
+    layer_kwargs = state.load_layer_kwargs()
+    inputs = store.open(state.completed_blocks)
+
+    with timer("prune"):
+        blocks = range(state.completed_blocks, streamed.num_layers)
+        for index in tqdm(blocks, desc="blocks", disable=quiet, initial=state.completed_blocks,
+                          total=streamed.num_layers):
+            block = streamed.load_block(index)
+            linears = find_linears(block)
+            kill_point(f"block-start:{index}")
+            for group in method.groups(linears):
+                if method.needs_calibration:
+                    _collect(method, block, {n: linears[n] for n in group}, layer_kwargs[index], inputs, config, device)
+                method.prune({n: linears[n] for n in group})
+            kill_point(f"block-pruned:{index}")
+            outputs = store.output_buffer(index + 1)
+            run_windows(block, layer_kwargs[index], inputs, outputs, config.micro_batch_size, device)
+            tensors = streamed.block_tensors(index)
+            prefix = f"{streamed.layers_path}.{index}."
+            modules = {prefix + name: module_stats(tensors[prefix + name + ".weight"], config.nm)
+                       for name in linears}
+            layout.write_unit(1 + index, save, tensors, after_each_file=lambda: kill_point(f"writing:{index}"))
+            store.commit(index + 1)
+            inputs = store.tensor
+            state.commit(completed_blocks=index + 1, modules={**state.modules, **modules})
+            streamed.unload_block(index)
+            kill_point(f"block-done:{index}")
+
+    with timer("write"):
+        layout.write_unit(0, save, reader.read(streamed.outside_names))
+        kill_point("finalize")
+        layout.write_index(save)
+        copy_side_files(reader.folder, save)
+        state.finish()
+
+    report = {
+        "save": str(save), "model": str(reader.folder), "method": config.prune_method,
+        "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
+        "options": config.result_options(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "resumed": resuming, "modules": state.modules, "totals": totals(state.modules),
+        "nm_valid": all(m["nm_valid"] for m in state.modules.values()) if config.nm else None,
+    }
+    if config.eval_ppl:
+        options = dict(micro_batch_size=config.micro_batch_size,
+                       on_disk=config.offload_activations == "disk", quiet=quiet)
+        report["perplexity"] = {}
+        for which, folder in (("dense", reader.folder), ("pruned", save)):
+            with timer(f"eval_{which}"):
+                report["perplexity"][which] = evaluate_text(
+                    CheckpointReader(str(folder)), config.eval_data, config.seqlen, config.eval_max_windows,
+                    device, dtype, tokenizer, label=f"eval {which}", **options)
+    report["seconds"] = timer.seconds
+    report["peak_host_rss_bytes"] = peak_host_rss_bytes()
+    report["peak_device_bytes"] = peak_device_bytes(device)
+    write_report(save, report)
+    if not quiet:
+        print(format_summary(report))
+    return report
+
+
+def _collect(method, block: nn.Module, linears: dict[str, nn.Linear], kwargs: dict, inputs: torch.Tensor,
+             config: PruneConfig, device: torch.device) -> None:
+    """One pass of the calibration windows through the block with the method's statistics hooked in."""
+    handles = [linear.register_forward_hook(
+        lambda module, args, output, name=name: method.add_batch(name, args[0], output))
+        for name, linear in linears.items()]
+    try:
+        run_windows(block, kwargs, inputs, None, config.micro_batch_size, device)
+    finally:
+        for handle in handles:
+            handle.remove()

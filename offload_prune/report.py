@@ -1,0 +1,94 @@
+"""Measuring a run (sparsity per module, phase times, peak memory) and telling the user."""
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .masks import nm_valid
+
+
+def module_kind(name: str) -> str:
+    lowered = name.lower()
+    if "attn" in lowered or "attention" in lowered:
+        return "attention"
+    if "mlp" in lowered or "feed_forward" in lowered or "ffn" in lowered:
+        return "mlp"
+    if "lm_head" in lowered:
+        return "lm_head"
+    return "other"
+
+
+def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None) -> dict:
+    zeros = int((weight == 0).sum())
+    stats = {"shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
+             "sparsity": zeros / weight.numel()}
+    if nm is not None:
+        stats["nm_valid"] = nm_valid(weight, nm)
+    return stats
+
+
+def totals(modules: dict[str, dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for name, stats in modules.items():
+        for kind in (module_kind(name), "all"):
+            entry = out.setdefault(kind, {"modules": 0, "numel": 0, "zeros": 0})
+            entry["modules"] += 1
+            entry["numel"] += stats["numel"]
+            entry["zeros"] += stats["zeros"]
+    for entry in out.values():
+        entry["sparsity"] = entry["zeros"] / entry["numel"] if entry["numel"] else 0.0
+    return dict(sorted(out.items(), key=lambda item: item[0] == "all"))
+
+
+def peak_host_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def write_report(folder: Path, report: dict) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def format_summary(report: dict) -> str:
+    lines = [f"offload-prune: {report['method']} {report['sparsity_type']} "
+             f"(target sparsity {report['target_sparsity']:.2%}) -> {report.get('save', '')}"]
+    lines.append(f"  {'modules':<10} {'count':>6} {'weights':>14} {'zeros':>14} {'sparsity':>9}")
+    for kind, entry in report["totals"].items():
+        lines.append(f"  {kind:<10} {entry['modules']:>6} {entry['numel']:>14,} {entry['zeros']:>14,} "
+                     f"{entry['sparsity']:>9.2%}")
+    if report.get("nm_valid") is not None:
+        lines.append(f"  N:M pattern valid in every module: {report['nm_valid']}")
+    for which in ("dense", "pruned"):
+        ppl = report.get("perplexity", {}).get(which)
+        if ppl:
+            lines.append(f"  perplexity {which:<7} {ppl['ppl']:.4f} ({ppl['windows']} windows x {ppl['seqlen']} tokens)")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
+    lines.append(f"  time: {phases}")
+    lines.append(f"  peak host RSS {_gib(report['peak_host_rss_bytes'])}, "
+                 f"peak device memory {_gib(report['peak_device_bytes'])}")
+    return "\n".join(lines)
