@@ -13,6 +13,11 @@ from pathlib import Path
 from .config import DTYPES, METHODS, OffloadPruneError, PruneConfig
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other refusal, instead of usage + error
+        raise OffloadPruneError(f"{message} (see {self.prog} --help)")
+
+
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     spellings = [f"--{name}"]
     other = name.replace("_", "-") if "_" in name else name.replace("-", "_")
@@ -36,7 +41,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def prune_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload-prune", description=(
+    parser = _Parser(prog="offload-prune", description=(
         "Prune a Hugging Face causal LM block by block from its safetensors shards. "
         "Other commands: `offload-prune eval --model X --eval-data F`."))
     _common(parser)
@@ -54,7 +59,7 @@ def prune_parser() -> argparse.ArgumentParser:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload-prune eval",
+    parser = _Parser(prog="offload-prune eval",
                                      description="Perplexity of a model, streamed block by block.")
     _common(parser)
     return parser

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .activations import ActivationStore
 from .calibration import eval_windows, load_text, tokenize
 from .checkpoint import CheckpointReader
+from .hostmem import keep_large_allocations_mmapped
 from .skeleton import StreamedModel, run_windows
 
 
@@ -23,6 +24,7 @@ from .skeleton import StreamedModel, run_windows
 def perplexity(reader: CheckpointReader, token_ids: torch.Tensor, seqlen: int, max_windows: int | None,
                device: torch.device, dtype: torch.dtype, micro_batch_size: int = 1,
                on_disk: bool = False, quiet: bool = False, label: str = "eval") -> dict:
+    keep_large_allocations_mmapped()
     start = time.perf_counter()
     windows = eval_windows(token_ids, seqlen, max_windows)
     streamed = StreamedModel(reader, device, dtype)

@@ -24,6 +24,7 @@ from .calibration import load_text, sample_windows, tokenize
 from .checkpoint import CheckpointReader, ShardLayout, copy_side_files
 from .config import OffloadPruneError, PruneConfig
 from .evaluate import evaluate_text
+from .hostmem import keep_large_allocations_mmapped
 from .methods import build_method
 from .report import (PhaseTimer, format_summary, module_stats, peak_device_bytes,
                      peak_host_rss_bytes, totals, write_report)
@@ -32,9 +33,10 @@ from .skeleton import StreamedModel, run_windows
 
 
 def kill_point(name: str) -> None:
-    """Fault injection for the resume tests: OFFLOAD_PRUNE_KILL_AT=<name> SIGKILLs the process here."""
+    """Fault injection for the resume tests: OFFLOAD_PRUNE_KILL_AT=<name> sends the process
+    SIGKILL (or OFFLOAD_PRUNE_KILL_SIGNAL, e.g. INT for a Ctrl-C) at this point."""
     if os.environ.get("OFFLOAD_PRUNE_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("OFFLOAD_PRUNE_KILL_SIGNAL", "KILL")))
 
 
 def pick_device(requested: str) -> torch.device:
@@ -72,6 +74,7 @@ def prune(config: PruneConfig) -> dict:
     config.validate()
     if config.save is None:
         raise OffloadPruneError("--save is required: the folder the pruned model is written to")
+    keep_large_allocations_mmapped()
     timer = PhaseTimer()
     quiet = config.quiet
     reader = CheckpointReader(config.model)

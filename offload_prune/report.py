@@ -46,7 +46,16 @@ def totals(modules: dict[str, dict]) -> dict[str, dict]:
 
 
 def peak_host_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak RSS of this process. VmHWM belongs to the current address space; ru_maxrss would also
+    count the parent's RSS at fork, which Linux carries across exec."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
 def peak_device_bytes(device: torch.device) -> int | None:

@@ -44,8 +44,8 @@ class RunState:
             if differences:
                 raise OffloadPruneError(f"--save {save} holds an unfinished run of a different job "
                                         f"({'; '.join(differences[:3])}); pass --overwrite to start over")
-            for stray in (save / RUN_DIR).glob("*.tmp"):
-                stray.unlink()
+            for stray in [*save.glob("*.tmp"), *(save / RUN_DIR).glob("*.tmp")]:
+                stray.unlink()  # half-written files of the killed run
             return cls(save, fingerprint, manifest)
         if resume and not overwrite:
             raise OffloadPruneError(f"--resume: {save} holds no unfinished run")

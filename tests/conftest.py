@@ -1,0 +1,52 @@
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload_prune.demo import make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """Builds (once per distinct set of arguments) a small random checkpoint saved sharded."""
+    cache: dict = {}
+
+    def build(**kwargs) -> Path:
+        key = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(kwargs.get("arch", "llama"))
+            cache[key] = make_checkpoint(folder, **kwargs)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(checkpoint_factory):
+    return checkpoint_factory(num_layers=3, hidden=64, intermediate=128)
+
+
+def run_cli(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "offload_prune", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def folder_digests(folder: Path, skip=("report.json",)) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name not in skip}
+
+
+def read_all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out

@@ -1,0 +1,100 @@
+"""Bad input is refused with one clear line and a non-zero exit, and the input is never touched."""
+import shutil
+
+import pytest
+from transformers import BertConfig, BertLMHeadModel
+
+from offload_prune.cli import main
+
+from conftest import folder_digests
+
+
+@pytest.fixture
+def model_copy(tiny_llama, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    return folder
+
+
+def refuse(capsys, *args) -> str:
+    capsys.readouterr()  # drop what the test's own setup printed
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("offload-prune: error: ")
+    return err
+
+
+def base_args(model, save):
+    return ["--model", model, "--save", save, "--calib-data", model / "demo.txt", "--nsamples", 2,
+            "--seqlen", 16, "--quiet"]
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    assert "no such folder" in refuse(capsys, "--model", tmp_path / "nope", "--save", tmp_path / "o")
+
+
+def test_truncated_shard(capsys, model_copy, tmp_path):
+    shard = sorted(model_copy.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    before = folder_digests(model_copy)
+    assert "unreadable safetensors shard" in refuse(capsys, *base_args(model_copy, tmp_path / "o"))
+    assert folder_digests(model_copy) == before
+
+
+def test_missing_shard(capsys, model_copy, tmp_path):
+    sorted(model_copy.glob("*.safetensors"))[2].unlink()
+    assert "is missing" in refuse(capsys, *base_args(model_copy, tmp_path / "o"))
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    folder = tmp_path / "bert"
+    BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, vocab_size=100, is_decoder=True)).save_pretrained(folder)
+    message = refuse(capsys, "--model", folder, "--save", tmp_path / "o", "--calib-data", folder / "config.json")
+    assert "unsupported architecture" in message
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--sparsity_ratio", "1.0"], "[0, 1)"),
+    (["--sparsity_ratio", "-0.1"], "[0, 1)"),
+    (["--sparsity_type", "4:2"], "0 < N < M"),
+    (["--sparsity_type", "2:2"], "0 < N < M"),
+    (["--sparsity_type", "half"], "N:M"),
+    (["--prune_method", "obs"], "invalid choice"),
+    (["--nsamples", "0"], ">= 1"),
+    (["--eval-ppl"], "--eval-data"),
+])
+def test_bad_flags(capsys, model_copy, tmp_path, flags, words):
+    before = folder_digests(model_copy)
+    assert words in refuse(capsys, *base_args(model_copy, tmp_path / "o"), *flags)
+    assert folder_digests(model_copy) == before
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_must_not_touch_input(capsys, model_copy, where):
+    save = {"same": model_copy, "inside": model_copy / "pruned", "parent": model_copy.parent}[where]
+    before = folder_digests(model_copy)
+    assert "input model folder" in refuse(capsys, *base_args(model_copy, save))
+    assert folder_digests(model_copy) == before
+    assert not (model_copy / "pruned").exists()
+
+
+def test_non_empty_output_needs_overwrite(capsys, tiny_llama, tmp_path):
+    save = tmp_path / "o"
+    save.mkdir()
+    (save / "precious.txt").write_text("keep me")
+    assert "--overwrite" in refuse(capsys, *base_args(tiny_llama, save))
+    assert (save / "precious.txt").read_text() == "keep me"
+    assert main([str(a) for a in base_args(tiny_llama, save)] + ["--overwrite"]) == 0
+    assert not (save / "precious.txt").exists()
+
+
+def test_too_little_calibration_text(capsys, tiny_llama, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    args = base_args(tiny_llama, tmp_path / "o")
+    args[args.index("--calib-data") + 1] = short
+    assert "calibration text has 9 tokens" in refuse(capsys, *args)
