@@ -59,12 +59,13 @@ def _named_dataset(name: str, split: str) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one id sequence (the model's own length limit does not apply here)."""
+    """The whole text as one id sequence, special tokens as the tokenizer adds them (a single BOS at
+    the start for Llama), as the reference scripts tokenize; the model's length limit does not apply."""
     logger = logging.getLogger("transformers.tokenization_utils_base")
     level = logger.level
     logger.setLevel(logging.ERROR)  # "sequence longer than the model maximum" is expected
     try:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text)["input_ids"]
     finally:
         logger.setLevel(level)
     return torch.tensor(ids, dtype=torch.long)

@@ -10,9 +10,9 @@ from offload_prune.calibration import eval_windows, load_text, tokenize
 from conftest import run_cli
 
 
-def in_memory_ppl(folder, seqlen, max_windows):
+def in_memory_ppl(folder, seqlen, max_windows, text_file=None):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = tokenize(AutoTokenizer.from_pretrained(folder), load_text(str(folder / "demo.txt")))
+    ids = tokenize(AutoTokenizer.from_pretrained(folder), load_text(str(text_file or folder / "demo.txt")))
     windows = eval_windows(ids, seqlen, max_windows)
     nlls = []
     with torch.no_grad():

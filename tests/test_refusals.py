@@ -98,3 +98,13 @@ def test_too_little_calibration_text(capsys, tiny_llama, tmp_path):
     args = base_args(tiny_llama, tmp_path / "o")
     args[args.index("--calib-data") + 1] = short
     assert "calibration text has 9 tokens" in refuse(capsys, *args)
+
+
+def test_hub_id_without_network_is_one_clear_line(tmp_path):
+    from conftest import run_cli
+    result = run_cli("--model", "no-such-org/no-such-model", "--save", tmp_path / "o",
+                     env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("offload-prune: error: --model no-such-org/no-such-model: "
+                                            "not a local folder and the hub download failed")
+    assert len(result.stderr.strip().splitlines()) == 1

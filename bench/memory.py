@@ -1,0 +1,193 @@
+"""Peak host RSS and wall time of streamed Wanda pruning against a whole-model baseline.
+
+Synthetic fp16 Llama checkpoints of growing size (same width, more layers) are written tensor by
+tensor; each run happens in a fresh process so its peak RSS (VmHWM) is its own. The baseline
+loads the whole model with from_pretrained and runs the same Wanda code layer by layer (as the
+Wanda repository does), then save_pretrained. Both compute in float32 on the CPU.
+
+    python bench/memory.py                       # 0.5, 1, 2, 4 GB
+    python bench/memory.py --sizes-gb 0.5 1      # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WIDTH = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
+             vocab_size=8192, tie_word_embeddings=False)
+
+
+def build_checkpoint(folder: Path, num_layers: int) -> int:
+    """Random fp16 tensors written shard by shard (never the whole model in memory); returns bytes."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from offload_prune.demo import byte_tokenizer, demo_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(num_hidden_layers=num_layers, bos_token_id=256, eos_token_id=257, dtype="float16", **WIDTH)
+    with init_empty_weights():
+        shapes = {n: t.shape for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    shards, current, size, total = [], {}, 0, 0
+    for name, shape in shapes.items():
+        if "norm" in name:
+            tensor = torch.ones(shape, dtype=torch.float16)
+        else:
+            tensor = (torch.randn(shape, generator=generator) * shape[-1] ** -0.5).half()
+        current[name] = tensor
+        size += tensor.numel() * 2
+        if size >= 1 << 30:
+            shards.append(current)
+            current, size = {}, 0
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in shard})
+        total += sum(t.numel() * 2 for t in shard.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    (folder / "demo.txt").write_text(demo_text(paragraphs=200))
+    return total
+
+
+def vm_hwm() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def child_streaming(model: Path, save: Path, nsamples: int, seqlen: int) -> dict:
+    from offload_prune.config import PruneConfig
+    from offload_prune.pipeline import prune
+    start = time.perf_counter()
+    prune(PruneConfig(model=str(model), save=save, prune_method="wanda", calib_data=str(model / "demo.txt"),
+                      nsamples=nsamples, seqlen=seqlen, overwrite=True, quiet=True))
+    return {"seconds": time.perf_counter() - start, "peak_rss": vm_hwm()}
+
+
+@torch.no_grad()
+def child_in_memory(model: Path, save: Path, nsamples: int, seqlen: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offload_prune.calibration import load_text, sample_windows, tokenize
+    from offload_prune.config import PruneConfig
+    from offload_prune.methods import build_method
+    from offload_prune.pipeline import find_linears
+    from offload_prune.skeleton import run_windows
+
+    start = time.perf_counter()
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    config = PruneConfig(model=str(model), prune_method="wanda").validate()
+    method = build_method(config)
+    windows = sample_windows(tokenize(AutoTokenizer.from_pretrained(model), load_text(str(model / "demo.txt"))),
+                             nsamples, seqlen, 0)
+    caught, kwargs = [], {}
+
+    class Catcher(torch.nn.Module):
+        def forward(self, hidden_states, **layer_kwargs):
+            caught.append(hidden_states)
+            kwargs.update(layer_kwargs)
+            raise ValueError
+
+    layers, first = lm.model.layers, lm.model.layers[0]
+    layers[0] = Catcher()
+    for i in range(nsamples):
+        try:
+            lm(windows[i:i + 1], use_cache=False)
+        except ValueError:
+            pass
+    layers[0] = first
+    hidden = torch.cat(caught)
+    for layer in layers:
+        linears = find_linears(layer)
+        hooks = [m.register_forward_hook(lambda mod, a, out, n=n: method.add_batch(n, a[0], out))
+                 for n, m in linears.items()]
+        run_windows(layer, kwargs, hidden, None, 1, torch.device("cpu"))
+        for h in hooks:
+            h.remove()
+        method.prune(linears)
+        run_windows(layer, kwargs, hidden, hidden, 1, torch.device("cpu"))
+    lm.to(torch.float16).save_pretrained(save)
+    return {"seconds": time.perf_counter() - start, "peak_rss": vm_hwm()}
+
+
+def run_child(mode: str, model: Path, save: Path, args) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--model", str(model), "--save", str(save),
+               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{mode} run failed:\n{result.stderr[-2000:]}")
+    shutil.rmtree(save, ignore_errors=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import psutil
+    return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"torch {torch.__version__}, {platform.python_version()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.5, 1, 2, 4])
+    parser.add_argument("--nsamples", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "offload-prune-bench")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--child", choices=["streaming", "in_memory"])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--save", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        child = child_streaming if args.child == "streaming" else child_in_memory
+        print(json.dumps(child(args.model, args.save, args.nsamples, args.seqlen)))
+        return
+
+    h, i = WIDTH["hidden_size"], WIDTH["intermediate_size"]
+    kv = h * WIDTH["num_key_value_heads"] // WIDTH["num_attention_heads"]
+    block_bytes = 2 * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
+    outside_bytes = 2 * (2 * WIDTH["vocab_size"] * h + h)
+    print(f"machine: {machine()}")
+    print(f"Llama width {h}/{i}, fp16 block {block_bytes / 2**20:.0f} MiB; Wanda 50%, "
+          f"{args.nsamples} x {args.seqlen} calibration tokens; float32 compute on CPU\n")
+    print("| checkpoint | layers | streaming peak RSS | RSS / size | streaming time | in-memory peak RSS | in-memory time | time ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for gb in args.sizes_gb:
+        layers = max(1, round((gb * 2**30 - outside_bytes) / block_bytes))
+        model = args.workdir / f"llama-{layers}L"
+        if not (model / "config.json").exists():
+            build_checkpoint(model, layers)
+        size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        streamed = run_child("streaming", model, args.workdir / "out-streaming", args)
+        row = (f"| {size / 2**30:.2f} GiB | {layers} | {streamed['peak_rss'] / 2**30:.2f} GiB | "
+               f"{streamed['peak_rss'] / size:.2f} | {streamed['seconds']:.0f} s |")
+        if args.skip_baseline:
+            row += " - | - | - |"
+        else:
+            whole = run_child("in_memory", model, args.workdir / "out-in-memory", args)
+            row += (f" {whole['peak_rss'] / 2**30:.2f} GiB | {whole['seconds']:.0f} s | "
+                    f"{streamed['seconds'] / whole['seconds']:.2f} |")
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
