@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DTYPES, METHODS, OffloadPruneError, PruneConfig
+from .config import DTYPES, METHODS, OffloadPruneError, PruneConfig, parse_bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +43,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def prune_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="offload-prune", description=(
         "Prune a Hugging Face causal LM block by block from its safetensors shards. "
-        "Other commands: `offload-prune eval --model X --eval-data F`."))
+        "Other commands: `offload-prune eval --model X --eval-data F` (perplexity), "
+        "`offload-prune plan --model X ...` (memory needed, from config.json only)."))
     _common(parser)
     _flag(parser, "save", type=Path, default=None, help="output folder for the pruned model (required)")
     _flag(parser, "prune_method", default="wanda", choices=METHODS)
@@ -55,7 +56,43 @@ def prune_parser() -> argparse.ArgumentParser:
     _flag(parser, "eval-ppl", action="store_true", help="perplexity of the dense and the pruned model")
     _flag(parser, "resume", action="store_true", help="continue the unfinished run in --save")
     _flag(parser, "overwrite", action="store_true", help="replace the contents of a non-empty --save")
+    _sparsegpt_and_budget_flags(parser)
     return parser
+
+
+def _sparsegpt_and_budget_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
+    _flag(parser, "percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H)")
+    _flag(parser, "true-sequential", action="store_true",
+          help="SparseGPT: prune q/k/v, then o, then gate/up, then down, recomputing inputs in between")
+    _flag(parser, "max-device-memory", type=parse_bytes, default=None,
+          help="refuse to start if the plan needs more compute-device memory (e.g. 20GiB)")
+    _flag(parser, "max-host-memory", type=parse_bytes, default=None,
+          help="refuse to start if the plan needs more host memory (e.g. 16GiB)")
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    parser = prune_parser()
+    parser.prog = "offload-prune plan"
+    parser.description = "Print the peak device and host memory a prune run needs; reads only config.json."
+    return parser
+
+
+def run_plan(argv: list[str]) -> int:
+    from .plan import check_budget, format_plan, load_config_only, memory_plan
+
+    args = vars(plan_parser().parse_args(argv))
+    config = PruneConfig(**args).validate()
+    device_type = "cpu" if config.device == "cpu" else ("cuda" if config.device != "auto" else _auto_device())
+    plan = memory_plan(config, load_config_only(config.model), device_type)
+    print(format_plan(plan, config.model))
+    check_budget(plan, config)
+    return 0
+
+
+def _auto_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -93,9 +130,9 @@ def run_prune(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("prune", "eval") else "prune"
+    command = argv.pop(0) if argv and argv[0] in ("prune", "eval", "plan") else "prune"
     try:
-        return run_eval(argv) if command == "eval" else run_prune(argv)
+        return {"eval": run_eval, "plan": run_plan, "prune": run_prune}[command](argv)
     except OffloadPruneError as exc:
         print(f"offload-prune: error: {exc}", file=sys.stderr)
         return 2

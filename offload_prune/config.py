@@ -10,7 +10,7 @@ class OffloadPruneError(Exception):
     """An error the user can act on; the CLI prints it as one line and exits non-zero."""
 
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 ACTIVATION_STORES = ("ram", "disk")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -36,6 +36,13 @@ class PruneConfig:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    # SparseGPT
+    blocksize: int = 128
+    percdamp: float = 0.01
+    true_sequential: bool = False
+    # Budgets checked against the memory plan before any weight is read (bytes; None = no limit).
+    max_device_memory: int | None = None
+    max_host_memory: int | None = None
     # Derived by validate(): (pruned per group, group size) for N:M, else None.
     nm: tuple[int, int] | None = field(default=None, init=False)
 
@@ -46,7 +53,9 @@ class PruneConfig:
         if not 0.0 <= self.sparsity_ratio < 1.0:
             raise OffloadPruneError(f"--sparsity_ratio must be in [0, 1), got {self.sparsity_ratio}")
         self.nm = parse_sparsity_type(self.sparsity_type)
-        for name in ("nsamples", "seqlen", "micro_batch_size"):
+        if self.percdamp < 0:
+            raise OffloadPruneError(f"--percdamp must be >= 0, got {self.percdamp}")
+        for name in ("nsamples", "seqlen", "micro_batch_size", "blocksize"):
             if getattr(self, name) < 1:
                 raise OffloadPruneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:
@@ -66,8 +75,19 @@ class PruneConfig:
     def result_options(self) -> dict:
         """The options that change the pruned weights: what a resumed run must share."""
         skip = {"model", "save", "eval_ppl", "eval_data", "eval_max_windows", "resume",
-                "overwrite", "quiet", "offload_activations", "nm"}
+                "overwrite", "quiet", "offload_activations", "nm", "max_device_memory", "max_host_memory"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+def parse_bytes(text: str) -> int:
+    """'20GiB', '512MB', '1.5G', '1000000' -> bytes (K/M/G/T are powers of 1024, as nvidia-smi counts)."""
+    units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise OffloadPruneError(f"not a memory size: {text!r} (e.g. 20GiB, 512MiB)") from None
 
 
 def parse_sparsity_type(text: str) -> tuple[int, int] | None:

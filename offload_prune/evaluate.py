@@ -33,6 +33,7 @@ def perplexity(reader: CheckpointReader, token_ids: torch.Tensor, seqlen: int, m
         hidden = store.create(0)
         streamed.load_outside(with_head=False)
         layer_kwargs = streamed.capture_into(windows, hidden, quiet, f"{label}: embed")
+        streamed.unload_outside()
         for index in tqdm(range(streamed.num_layers), desc=f"{label}: blocks", disable=quiet, leave=False):
             block = streamed.load_block(index)
             run_windows(block, layer_kwargs[index], hidden, hidden, micro_batch_size, device)

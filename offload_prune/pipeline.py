@@ -26,6 +26,7 @@ from .config import OffloadPruneError, PruneConfig
 from .evaluate import evaluate_text
 from .hostmem import keep_large_allocations_mmapped
 from .methods import build_method
+from .plan import check_budget, memory_plan
 from .report import (PhaseTimer, format_summary, module_stats, peak_device_bytes,
                      peak_host_rss_bytes, totals, write_report)
 from .runstate import RunState
@@ -77,9 +78,11 @@ def prune(config: PruneConfig) -> dict:
     keep_large_allocations_mmapped()
     timer = PhaseTimer()
     quiet = config.quiet
-    reader = CheckpointReader(config.model)
+    reader = CheckpointReader(config.model)  # config and shard headers only
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device, reader)
+    plan = memory_plan(config, reader.config, device.type)
+    check_budget(plan, config)
     streamed = StreamedModel(reader, device, dtype)
     method = build_method(config)
     tokenizer = load_tokenizer(reader.folder)
@@ -111,6 +114,7 @@ def prune(config: PruneConfig) -> dict:
             streamed.load_outside(with_head=False)
             layer0_inputs = store.create(0)
             layer_kwargs = streamed.capture_into(windows, layer0_inputs, quiet, "calibration: embed")
+            streamed.unload_outside()
             state.save_layer_kwargs(layer_kwargs)
             store.commit(0)
             state.commit(captured=True)
@@ -124,17 +128,18 @@ def prune(config: PruneConfig) -> dict:
             block = streamed.load_block(index)
             linears = find_linears(block)
             kill_point(f"block-start:{index}")
+            method_info: dict[str, dict] = {}
             for group in method.groups(linears):
                 if method.needs_calibration:
                     _collect(method, block, {n: linears[n] for n in group}, layer_kwargs[index], inputs, config, device)
-                method.prune({n: linears[n] for n in group})
+                method_info.update(method.prune({n: linears[n] for n in group}))
             kill_point(f"block-pruned:{index}")
             outputs = store.output_buffer(index + 1)
             run_windows(block, layer_kwargs[index], inputs, outputs, config.micro_batch_size, device)
             tensors = streamed.block_tensors(index)
             prefix = f"{streamed.layers_path}.{index}."
-            modules = {prefix + name: module_stats(tensors[prefix + name + ".weight"], config.nm)
-                       for name in linears}
+            modules = {prefix + name: {**module_stats(tensors[prefix + name + ".weight"], config.nm),
+                                       **method_info.get(name, {})} for name in linears}
             layout.write_unit(1 + index, save, tensors, after_each_file=lambda: kill_point(f"writing:{index}"))
             store.commit(index + 1)
             inputs = store.tensor
@@ -153,7 +158,7 @@ def prune(config: PruneConfig) -> dict:
         "save": str(save), "model": str(reader.folder), "method": config.prune_method,
         "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
         "options": config.result_options(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "resumed": resuming, "modules": state.modules, "totals": totals(state.modules),
+        "resumed": resuming, "memory_plan": plan, "modules": state.modules, "totals": totals(state.modules),
         "nm_valid": all(m["nm_valid"] for m in state.modules.values()) if config.nm else None,
     }
     if config.eval_ppl:

@@ -58,20 +58,29 @@ class _Passthrough(nn.Module):
         return hidden_states
 
 
+def build_skeleton(model_config) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The model on the meta device (no memory for weights), and its decoder layer list."""
+    try:
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(model_config)
+    except ValueError as exc:
+        raise OffloadPruneError(f"unsupported architecture {type(model_config).__name__}: "
+                                f"{str(exc).splitlines()[0]}") from None
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == n:
+            return model.eval(), name, module
+    raise OffloadPruneError(f"unsupported architecture {type(model).__name__}: no decoder "
+                            "layer list (model.layers); only decoder-only causal LMs are supported")
+
+
 class StreamedModel:
     """A causal LM whose weights stay on disk until a step needs them."""
 
     def __init__(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype):
         self.reader, self.device, self.dtype = reader, device, dtype
-        try:
-            with init_empty_weights(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.model = AutoModelForCausalLM.from_config(reader.config)
-        except ValueError as exc:
-            raise OffloadPruneError(f"unsupported architecture {type(reader.config).__name__}: "
-                                    f"{str(exc).splitlines()[0]}") from None
-        self.model.eval()
-        self.layers_path, self.layers = self._find_layers()
+        self.model, self.layers_path, self.layers = build_skeleton(reader.config)
         self.num_layers = len(self.layers)
         self.base = getattr(self.model, self.model.base_model_prefix)
         # Buffers (rotary tables) are real even inside init_empty_weights; they go where compute happens.
@@ -84,14 +93,6 @@ class StreamedModel:
         self._layer0_inputs: list[torch.Tensor] = []
 
     # -- structure -------------------------------------------------------------------------
-    def _find_layers(self) -> tuple[str, nn.ModuleList]:
-        n = getattr(self.model.config, "num_hidden_layers", None)
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == n:
-                return name, module
-        raise OffloadPruneError(f"unsupported architecture {type(self.model).__name__}: no decoder "
-                                "layer list (model.layers); only decoder-only causal LMs are supported")
-
     def _head_names(self) -> list[str]:
         """Tensors only the logits need: the output projection and the final norm."""
         heads = []
@@ -119,6 +120,14 @@ class StreamedModel:
         if with_head and output is not None and output.weight.is_meta:
             # Tied embeddings: the checkpoint holds no lm_head tensor of its own.
             output.weight = self.model.get_input_embeddings().weight
+
+    def unload_outside(self) -> None:
+        """Back to meta: the embedding is needed only to make layer-0 inputs."""
+        for name in self.outside_names:
+            module_name, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if leaf in module._parameters and not getattr(module, leaf).is_meta:
+                set_module_tensor_to_device(self.model, name, "meta")
 
     def load_block(self, index: int) -> nn.Module:
         block = self.layers[index]

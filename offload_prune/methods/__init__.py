@@ -4,9 +4,10 @@ from __future__ import annotations
 from ..config import PruneConfig
 from .base import PruningMethod
 from .magnitude import Magnitude
+from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-METHOD_CLASSES: dict[str, type[PruningMethod]] = {"magnitude": Magnitude, "wanda": Wanda}
+METHOD_CLASSES: dict[str, type[PruningMethod]] = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
 
 
 def build_method(config: PruneConfig) -> PruningMethod:

@@ -32,6 +32,18 @@ class PruningMethod:
         """Prune these linears in place; return anything worth reporting per module."""
         raise NotImplementedError
 
+    def memory_bytes(self, linears: dict[str, nn.Linear], compute_dtype: torch.dtype) -> dict[str, int]:
+        """Compute-device bytes beyond the block's weights, for the memory plan: `statistics` held
+        through the calibration pass, and the peak `prune` step (statistics still alive included).
+        `linears` may live on the meta device: only shapes are used."""
+        return {"statistics": 0, "prune": max(_mask_workspace(m, compute_dtype) for m in linears.values())}
+
+
+def _mask_workspace(linear: nn.Linear, compute_dtype: torch.dtype) -> int:
+    # scores, kthvalue's copy of them, a bool mask and bool temporaries (+ a float32 copy of W if needed)
+    per_weight = 4 + 4 + 4 + (0 if compute_dtype == torch.float32 else 4)
+    return linear.weight.numel() * per_weight
+
 
 class ScoreMaskMethod(PruningMethod):
     """Methods that zero the weights with the lowest importance score, leaving the rest untouched."""

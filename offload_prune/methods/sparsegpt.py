@@ -1,0 +1,229 @@
+"""SparseGPT (Frantar & Alistarh, ICML 2023): OBS pruning with weight updates, column block by block.
+
+For a linear layer W [rows, cols] and calibration inputs x (one column per token):
+
+    H = (2/n) sum_x x x^T                       n = number of calibration sequences
+    U = chol((H + lambda I)^-1), upper          lambda = percdamp * mean(diag H)
+    for each block of `blocksize` columns:
+        choose the mask once for the block (unstructured: the lowest w_j^2 / U_jj^2 of the block;
+        N:M: the N lowest of every M columns, chosen when the M-group starts)
+        for each column j:   err_j = (w_j - q_j) / U_jj,  W[:, j:block_end] -= err_j U[j, j:block_end]
+        W[:, block_end:] -= Err_block U[block, block_end:]          (lazy update of later columns)
+
+Since (H + lambda I)^-1 = U^T U and W - W_pruned = Err U, the added output error
+tr(dW (H + lambda I) dW^T) is exactly ||Err||^2: the per-module reconstruction error comes for
+free, with the damping and dead-column terms taken back out.
+
+Linears that read the same input tensor (q/k/v, gate/up) share one Hessian and one factor U.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+from torch import nn
+
+from ..config import OffloadPruneError, PruneConfig
+from ..masks import lowest_k
+from .base import PruningMethod
+
+log = logging.getLogger(__name__)
+MAX_DAMPING_RETRIES = 6
+
+# Order of --true-sequential: each group is pruned before the next one's statistics are taken.
+TRUE_SEQUENTIAL_ORDER = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """TF32 matmuls would corrupt the Hessian and its inverse (the reference turns them off too)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of (H + lambda I)^-1, holding at most two [cols, cols] matrices at once:
+    H goes as soon as its factor L exists (pass the only reference), L as soon as the inverse does;
+    in the rare case that the second factorisation fails, H is rebuilt from the inverse. A
+    non-positive-definite H is retried with tenfold damping, never silently replaced."""
+    diagonal = torch.arange(hessian.shape[0], device=hessian.device)
+    mean_diag = hessian[diagonal, diagonal].mean().item()
+    fraction = percdamp if percdamp > 0 else 1e-8
+    added = 0.0
+    for retry in range(MAX_DAMPING_RETRIES + 1):
+        damping = fraction * 10 ** retry * mean_diag
+        hessian[diagonal, diagonal] += damping - added
+        added = damping
+        lower, info = torch.linalg.cholesky_ex(hessian)
+        if info != 0:
+            continue
+        del hessian
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        if info == 0:
+            return upper, damping, retry
+        hessian = torch.linalg.inv(inverse)
+    raise OffloadPruneError(f"Hessian not positive definite even with damping {added:.3g} "
+                            f"({fraction * 10 ** MAX_DAMPING_RETRIES:g} x mean diagonal)")
+
+
+@torch.no_grad()
+def prune_with_obs(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor, sparsity: float,
+                   nm: tuple[int, int] | None, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune a float32 weight given the factor U; returns (pruned weight, squared errors per row)."""
+    w = weight.clone()
+    w[:, dead] = 0
+    rows, cols = w.shape
+    errors = torch.zeros(rows, device=w.device)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block, u = w[:, start:end].clone(), upper[start:end, start:end]
+        u_diag = torch.diag(u)
+        err_block = torch.zeros_like(block)
+        if nm is None:
+            saliency = block ** 2 / u_diag[None, :] ** 2
+            mask = lowest_k(saliency.reshape(1, -1), int(saliency.numel() * sparsity)).reshape(saliency.shape)
+        else:
+            mask = torch.zeros_like(block, dtype=torch.bool)
+        for j in range(end - start):
+            if nm is not None and j % nm[1] == 0:
+                group = slice(j, j + nm[1])
+                mask[:, group] = lowest_k(block[:, group] ** 2 / u_diag[None, group] ** 2, nm[0])
+            column = block[:, j]
+            kept = column.masked_fill(mask[:, j], 0)
+            err = (column - kept) / u_diag[j]
+            block[:, j:] -= err[:, None] * u[j, j:][None, :]
+            block[:, j] = kept  # exact zeros, not the rounding residue of the update
+            err_block[:, j] = err
+        w[:, start:end] = block
+        w[:, end:] -= err_block @ upper[start:end, end:]
+        errors += (err_block ** 2).sum(dim=1)
+    return w, errors
+
+
+class SparseGPT(PruningMethod):
+    def __init__(self, config: PruneConfig, share_hessians: bool = True):
+        super().__init__(config)
+        self.share_hessians = share_hessians
+        self.hessians: dict[str, torch.Tensor] = {}     # input key -> sum of x x^T (float32)
+        self.sequences: dict[str, int] = {}             # input key -> calibration sequences seen
+        self.outputs: dict[str, list] = {}              # linear -> [sum ||y||^2, sum y, tokens]
+        self.input_key: dict[str, str] = {}             # linear -> input key
+        self._last: tuple[torch.Tensor, str] | None = None
+
+    def groups(self, linears: dict[str, nn.Linear]) -> list[list[str]]:
+        if not self.config.true_sequential:
+            return [list(linears)]
+        ordered = [[n for n in linears if n.rsplit(".", 1)[-1] in names] for names in TRUE_SEQUENTIAL_ORDER]
+        placed = {n for group in ordered for n in group}
+        return [g for g in ordered if g] + [[n] for n in linears if n not in placed]
+
+    def memory_bytes(self, linears: dict[str, nn.Linear], compute_dtype: torch.dtype) -> dict[str, int]:
+        """Hessians are float32 [cols, cols], one per input group (q/k/v and gate/up share theirs).
+        Factorising a group holds two [cols, cols] matrices at once; pruning a linear then holds the
+        factor, a float32 copy of W (two when W is not float32), the W-sized temporary of the first
+        lazy column update and a few column blocks."""
+        inputs: dict[str, list[nn.Linear]] = {}
+        for name, linear in linears.items():
+            leaf = name.rsplit(".", 1)[-1]
+            family = next((g for g in TRUE_SEQUENTIAL_ORDER if leaf in g and len(g) > 1), (name,))
+            inputs.setdefault(f"{name.rsplit('.', 1)[0]}:{family}", []).append(linear)
+        families = list(inputs.values())
+        groups = [[family] for family in families] if self.config.true_sequential else [families]
+        statistics, prune_peak = 0, 0
+        for alive in groups:  # the Hessians alive together
+            sizes = [members[0].in_features ** 2 * 4 for members in alive]
+            statistics = max(statistics, sum(sizes))
+            for k, members in enumerate(alive):
+                later = sum(sizes[k + 1:])
+                copies = 2 if compute_dtype == torch.float32 else 3
+                per_linear = max(m.weight.numel() * 4 * copies + m.out_features * self.config.blocksize * 4 * 4
+                                 for m in members)
+                prune_peak = max(prune_peak, later + 2 * sizes[k], later + sizes[k] + per_linear)
+        return {"statistics": statistics, "prune": prune_peak}
+
+    def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        if self.share_hessians and self._last is not None and inputs is self._last[0]:
+            key = self._last[1]
+        else:
+            key = name
+            self._last = (inputs, name)
+            x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+            if key not in self.hessians:
+                self.hessians[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                self.sequences[key] = 0
+            self.hessians[key].addmm_(x.T, x)
+            self.sequences[key] += inputs.shape[0] if inputs.dim() > 2 else 1
+        self.input_key[name] = key
+        y = outputs.detach().reshape(-1, outputs.shape[-1]).float()
+        stats = self.outputs.setdefault(name, [0.0, 0.0, 0])
+        stats[0] += float((y * y).sum())
+        stats[1] = stats[1] + y.sum(dim=0)
+        stats[2] += y.shape[0]
+
+    def _output_energy(self, name: str, bias: torch.Tensor | None) -> float:
+        """sum over tokens of ||W x||^2, the bias taken out of the recorded outputs y = W x + b."""
+        squares, sums, tokens = self.outputs.pop(name)
+        if bias is None:
+            return squares
+        b = bias.float()
+        return squares - 2 * float(b @ sums) + tokens * float(b @ b)
+
+    @torch.no_grad()
+    def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
+        self._last = None
+        results: dict[str, dict] = {}
+        by_key: dict[str, list[str]] = {}
+        for name in linears:
+            if name not in self.input_key:
+                raise OffloadPruneError(f"{name}: no calibration input reached this linear layer")
+            by_key.setdefault(self.input_key.pop(name), []).append(name)
+        with no_tf32():
+            for key, names in by_key.items():
+                n = self.sequences.pop(key)
+                dead = self._normalise_hessian(key, n)
+                upper, damping, retries = inverse_cholesky(self.hessians.pop(key), self.config.percdamp)
+                if retries:
+                    log.warning("%s: Hessian needed damping %.3g (%d retries)", ", ".join(names), damping, retries)
+                for name in names:
+                    results[name] = self._prune_linear(name, linears[name], upper, dead, damping, retries, n)
+                del upper
+        return results
+
+    def _normalise_hessian(self, key: str, sequences: int) -> torch.Tensor:
+        """H = (2/n) sum x x^T in place; inputs that were always zero get diag 1 (their weights are
+        zeroed). Returns the dead-input mask."""
+        hessian = self.hessians[key]
+        hessian *= 2 / sequences
+        diagonal = torch.arange(hessian.shape[0], device=hessian.device)
+        dead = hessian[diagonal, diagonal] == 0
+        hessian[dead, dead] = 1
+        return dead
+
+    def _prune_linear(self, name, linear, upper, dead, damping, retries, n) -> dict:
+        start = time.perf_counter()
+        original = linear.weight
+        pruned, errors = prune_with_obs(original.float(), upper, dead, self.config.sparsity_ratio,
+                                        self.config.nm, self.config.blocksize)
+        # ||Err||^2 = tr(dW (H' + damping I) dW^T), H' = H with 1 on dead diagonals: take both back out.
+        # Chunks of ~4M weights keep the difference from costing weight-sized temporaries.
+        change, dead_change = 0.0, 0.0
+        rows = max(1, (1 << 22) // original.shape[1])
+        for o, p in zip(original.split(rows), pruned.split(rows)):
+            d = o.float() - p
+            change += float((d * d).sum())
+            dead_change += float((d[:, dead] ** 2).sum())
+        added_error = float(errors.sum()) - damping * change - dead_change
+        energy = self._output_energy(name, linear.bias) * 2 / n
+        linear.weight.copy_(pruned.to(linear.weight.dtype))
+        if linear.weight.device.type == "cuda":
+            torch.cuda.synchronize(linear.weight.device)
+        return {"reconstruction_error": max(added_error, 0.0) / energy if energy > 0 else 0.0,
+                "damping": damping, "cholesky_retries": retries, "seconds": time.perf_counter() - start}
