@@ -21,48 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig
+
+from synthetic import build_checkpoint
 
 WIDTH = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
              vocab_size=8192, tie_word_embeddings=False)
-
-
-def build_checkpoint(folder: Path, num_layers: int) -> int:
-    """Random fp16 tensors written shard by shard (never the whole model in memory); returns bytes."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from offload_prune.demo import byte_tokenizer, demo_text
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(num_hidden_layers=num_layers, bos_token_id=256, eos_token_id=257, dtype="float16", **WIDTH)
-    with init_empty_weights():
-        shapes = {n: t.shape for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    shards, current, size, total = [], {}, 0, 0
-    for name, shape in shapes.items():
-        if "norm" in name:
-            tensor = torch.ones(shape, dtype=torch.float16)
-        else:
-            tensor = (torch.randn(shape, generator=generator) * shape[-1] ** -0.5).half()
-        current[name] = tensor
-        size += tensor.numel() * 2
-        if size >= 1 << 30:
-            shards.append(current)
-            current, size = {}, 0
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / file, metadata={"format": "pt"})
-        weight_map.update({n: file for n in shard})
-        total += sum(t.numel() * 2 for t in shard.values())
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    (folder / "demo.txt").write_text(demo_text(paragraphs=200))
-    return total
 
 
 def vm_hwm() -> int:
@@ -175,7 +139,8 @@ def main() -> None:
         layers = max(1, round((gb * 2**30 - outside_bytes) / block_bytes))
         model = args.workdir / f"llama-{layers}L"
         if not (model / "config.json").exists():
-            build_checkpoint(model, layers)
+            build_checkpoint(model, LlamaConfig(num_hidden_layers=layers, bos_token_id=256, eos_token_id=257,
+                                                dtype="float16", **WIDTH))
         size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
         streamed = run_child("streaming", model, args.workdir / "out-streaming", args)
         row = (f"| {size / 2**30:.2f} GiB | {layers} | {streamed['peak_rss'] / 2**30:.2f} GiB | "

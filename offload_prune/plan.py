@@ -2,10 +2,10 @@
 
 Compute device: one block's weights in the compute dtype, the method's statistics and peak prune
 workspace (the method says), and one micro-batch of block activations.
-Host: the Python process itself, the activation cache (RAM mode), and a block's tensors in
-their stored dtype three times (read, written back, serialised) or, while layer-0 inputs are
-captured, the embedding in the compute dtype. When the compute device is the CPU, the device
-part is host memory too and is added to it.
+Host: the Python process itself and the activation cache (RAM mode), plus the largest of the
+phases that follow one another: capturing layer-0 inputs (the embedding), loading a block (its
+stored tensors), pruning it, writing it (stored tensors and their serialised copy). When the
+compute device is the CPU, whatever the device part holds in a phase is host memory too.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str) -> dict:
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     method = build_method(config).memory_bytes(linears, compute)
     activations = config.nsamples * config.seqlen * model_config.hidden_size * compute.itemsize
-    embedding = model.get_input_embeddings().weight.numel() * compute.itemsize
+    embedding_numel = model.get_input_embeddings().weight.numel()
 
     device = {
         "block_weights": block_numel * compute.itemsize,
@@ -60,17 +60,24 @@ def memory_plan(config: PruneConfig, model_config, device_type: str) -> dict:
         "micro_batch": micro_batch_bytes(config, model_config, compute.itemsize),
     }
     device["peak"] = sum(device.values())
+    on_cpu = device_type == "cpu"
+    stored_block = block_numel * stored.itemsize
+    phases = {
+        "capture": embedding_numel * (compute.itemsize if on_cpu else stored.itemsize),
+        "load": stored_block + (device["block_weights"] if on_cpu else 0),
+        "prune": device["peak"] if on_cpu else 0,
+        "write": 2 * stored_block + (device["block_weights"] if on_cpu else 0),
+    }
+    largest = max(phases, key=phases.get)
     host = {
         "process": PROCESS_BASELINE_BYTES,
         "activation_cache": activations if config.offload_activations == "ram" else 0,
-        "block_io": max(3 * block_numel * stored.itemsize, embedding),
+        f"{largest}_phase": phases[largest],
     }
-    if device_type == "cpu":
-        host["compute_on_cpu"] = device["peak"]
     host["peak"] = sum(host.values())
     return {"device_type": device_type, "compute_dtype": str(compute).replace("torch.", ""),
             "stored_dtype": str(stored).replace("torch.", ""), "num_layers": len(layers),
-            "method": {k: v for k, v in method.items()}, "activation_cache_bytes": activations,
+            "method": dict(method), "host_phases": phases, "activation_cache_bytes": activations,
             "device": device, "host": host}
 
 

@@ -1,0 +1,123 @@
+"""SparseGPT on ONE decoder block with LLaMA-2-70B shapes, and the plan for the whole 70B model.
+
+1. A one-layer fp16 checkpoint with LLaMA-2-70B shapes (hidden 8192, intermediate 28672, 64 heads,
+   8 KV heads) is pruned by the real pipeline in a fresh process: peak RSS and time per linear.
+2. Statistics accumulation on that block with shared Hessians (one per distinct input) against
+   one Hessian per linear: time ratio.
+3. What `offload-prune plan` predicts for the full model on a 24 GB GPU.
+
+    python bench/block70b.py                 # CPU: ~20 min on 2 cores, ~12 GiB of RAM
+    python bench/block70b.py --device cuda   # on a GPU: also torch.cuda.max_memory_allocated
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+from memory import machine
+from synthetic import build_checkpoint
+
+LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                  vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False)
+GIB = 2**30
+
+
+def prune_block(model: Path, save: Path, args) -> dict:
+    command = [sys.executable, "-m", "offload_prune", "--model", str(model), "--save", str(save), "--overwrite",
+               "--prune_method", "sparsegpt", "--calib-data", str(model / "demo.txt"), "--nsamples", str(args.nsamples),
+               "--seqlen", str(args.seqlen), "--device", args.device, "--quiet"]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"pruning failed:\n{result.stderr[-3000:]}")
+    report = json.loads((save / "report.json").read_text())
+    report["wall_seconds"] = time.perf_counter() - start
+    return report
+
+
+@torch.no_grad()
+def statistics_time(model: Path, args, share: bool) -> float:
+    """One calibration pass through the block with SparseGPT's hooks, Hessians shared or not."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from offload_prune.checkpoint import CheckpointReader
+    from offload_prune.config import PruneConfig
+    from offload_prune.methods.sparsegpt import SparseGPT
+    from offload_prune.pipeline import _collect, find_linears
+    from offload_prune.skeleton import StreamedModel
+
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    reader = CheckpointReader(str(model))
+    streamed = StreamedModel(reader, device, dtype)
+    block = streamed.load_block(0)
+    options = PruneConfig(model=str(model), prune_method="sparsegpt", seqlen=args.seqlen).validate()
+    method = SparseGPT(options, share_hessians=share)
+    x = torch.randn(args.nsamples, args.seqlen, LLAMA2_70B["hidden_size"], generator=torch.Generator().manual_seed(0)).to(dtype)
+    positions = torch.arange(args.seqlen, device=device)[None]
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(reader.config, device=device)(x.to(device), positions),
+              "position_ids": positions, "attention_mask": None}
+    start = time.perf_counter()
+    _collect(method, block, find_linears(block), kwargs, x, options, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nsamples", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "offload-prune-bench")
+    parser.add_argument("--stats-only", action="store_true", help="skip the pruning run")
+    args = parser.parse_args()
+
+    model = args.workdir / "llama2-70b-one-block"
+    if not (model / "config.json").exists():
+        build_checkpoint(model, LlamaConfig(num_hidden_layers=1, bos_token_id=256, eos_token_id=257,
+                                            dtype="float16", **LLAMA2_70B))
+    print(f"machine: {machine()}")
+    print(f"one LLaMA-2-70B block (fp16 checkpoint), SparseGPT 50% unstructured, {args.nsamples} x {args.seqlen} "
+          f"calibration tokens, device {args.device}\n")
+
+    if not args.stats_only:
+        report = prune_block(model, args.workdir / "llama2-70b-one-block-pruned", args)
+        print("| linear | shape | seconds | reconstruction error |")
+        print("|---|---|---|---|")
+        for name, module in report["modules"].items():
+            print(f"| {name.split('layers.0.')[1]} | {module['shape'][0]} x {module['shape'][1]} | "
+                  f"{module['seconds']:.1f} | {module['reconstruction_error']:.4f} |")
+        plan = report["memory_plan"]
+        print(f"\npeak host RSS {report['peak_host_rss_bytes'] / GIB:.2f} GiB (plan: {plan['host']['peak'] / GIB:.2f} GiB)"
+              + (f", peak CUDA memory {report['peak_device_bytes'] / GIB:.2f} GiB (plan: {plan['device']['peak'] / GIB:.2f} GiB)"
+                 if report["peak_device_bytes"] else ""))
+        print(f"phases: {', '.join(f'{k} {v:.0f} s' for k, v in report['seconds'].items())}; "
+              f"wall {report['wall_seconds']:.0f} s")
+
+    shared = statistics_time(model, args, share=True)
+    per_linear = statistics_time(model, args, share=False)
+    print(f"\nstatistics pass: shared Hessians (4 per block) {shared:.1f} s, one per linear (7) {per_linear:.1f} s, "
+          f"ratio {per_linear / shared:.2f}x")
+
+    from offload_prune.config import PruneConfig
+    from offload_prune.plan import format_plan, memory_plan
+    full = LlamaConfig(num_hidden_layers=80, dtype="float16", **LLAMA2_70B)
+    print("\nplan for the full LLaMA-2-70B (128 x 2048 calibration tokens) on a GPU:")
+    for offload in ("ram", "disk"):
+        plan = memory_plan(PruneConfig(model="llama2-70b", prune_method="sparsegpt", offload_activations=offload).validate(),
+                           full, "cuda")
+        print(f"  activations in {offload}:")
+        print("  " + format_plan(plan, "meta-llama/Llama-2-70b-hf").replace("\n", "\n  "))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Run by test_plan.py in a fresh process: SparseGPT on one Llama block, printing the Hessian bytes
+held after the statistics pass and the peak resident memory of the prune steps (VmHWM reset
+through /proc/self/clear_refs; large tensors are mmapped, so freed ones leave RSS), next to the plan."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from offload_prune.config import PruneConfig
+from offload_prune.hostmem import keep_large_allocations_mmapped
+from offload_prune.methods.sparsegpt import SparseGPT
+from offload_prune.pipeline import _collect, find_linears
+
+
+def status():
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def main(true_sequential: bool) -> None:
+    keep_large_allocations_mmapped()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=4)
+    block = LlamaDecoderLayer(config, 0).eval()
+    linears = find_linears(block)
+    options = PruneConfig(model="-", prune_method="sparsegpt", seqlen=64, true_sequential=true_sequential).validate()
+    x = torch.randn(4, 64, 2048)
+    positions = torch.arange(64)[None]
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(config)(x, positions), "position_ids": positions,
+              "attention_mask": None}
+    cpu = torch.device("cpu")
+    warm_up = SparseGPT(options)  # the first LAPACK calls allocate one-time buffers
+    _collect(warm_up, block, {"mlp.down_proj": linears["mlp.down_proj"]}, kwargs, x, options, cpu)
+    with torch.no_grad():
+        warm_up.prune({"mlp.down_proj": torch.nn.Linear(4096, 2048)})
+
+    method = SparseGPT(options)
+    planned = method.memory_bytes(linears, torch.float32)
+    held, peak = 0, 0
+    for group in method.groups(linears):
+        _collect(method, block, {n: linears[n] for n in group}, kwargs, x, options, cpu)
+        statistics = sum(h.nbytes for h in method.hessians.values())
+        held = max(held, statistics)
+        before, _ = status()
+        Path("/proc/self/clear_refs").write_text("5")
+        with torch.no_grad():
+            method.prune({n: linears[n] for n in group})
+        peak = max(peak, status()[1] - before + statistics)
+    print(json.dumps({"held": held, "peak": peak, "planned_statistics": planned["statistics"],
+                      "planned_prune": planned["prune"]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] == "True")
