@@ -19,7 +19,7 @@ ARGS     ?=
 DEMO     := out/demo-llama
 OUT      ?= out/$(if $(MODEL),$(notdir $(MODEL)),demo-llama)-$(METHOD)-$(subst :,of,$(TYPE))-$(SPARSITY)
 
-.PHONY: setup prune test bench bench-memory clean
+.PHONY: setup prune test bench bench-memory bench-block70b bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -49,10 +49,18 @@ endif
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-bench: setup bench-memory
+# Each prints measured numbers and the machine it ran on (see README for the last results).
+bench: bench-memory bench-block70b bench-quality
 
 bench-memory: setup
 	$(BIN)/python bench/memory.py
+
+bench-block70b: setup
+	$(BIN)/python bench/block70b.py
+
+bench-quality: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python bench/quality.py --preset stories260k
 
 clean:
 	rm -rf out .pytest_cache

@@ -49,15 +49,37 @@ def prune_parser() -> argparse.ArgumentParser:
     _flag(parser, "save", type=Path, default=None, help="output folder for the pruned model (required)")
     _flag(parser, "prune_method", default="wanda", choices=METHODS)
     _flag(parser, "sparsity_ratio", type=float, default=0.5, help="fraction of weights to prune (unstructured)")
-    _flag(parser, "sparsity_type", default="unstructured", help="unstructured or N:M such as 2:4, 4:8")
+    _flag(parser, "sparsity_type", default="unstructured", help="unstructured, N:M such as 2:4, 4:8, or structured (whole MLP neurons, neuronrank_old)")
     _flag(parser, "calib-data", default="c4", help="text file, folder, jsonl, wikitext2 or c4 (default c4)")
     _flag(parser, "nsamples", type=int, default=128, help="calibration windows (default 128)")
     _flag(parser, "seed", type=int, default=0, help="calibration sampling seed (default 0)")
     _flag(parser, "eval-ppl", action="store_true", help="perplexity of the dense and the pruned model")
     _flag(parser, "resume", action="store_true", help="continue the unfinished run in --save")
     _flag(parser, "overwrite", action="store_true", help="replace the contents of a non-empty --save")
+    _neuronrank_flags(parser)
     _sparsegpt_and_budget_flags(parser)
     return parser
+
+
+def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "nr-tfidf-mode", default="doc", choices=("doc", "topic"), help="TF-IDF++ documents: windows or topics")
+    _flag(parser, "nr-tfidf-k", type=int, default=64, help="topics for --nr-tfidf-mode topic (default 64)")
+    _flag(parser, "nr-q-active", type=float, default=0.60, help="quantile of activation strength that counts as active")
+    _flag(parser, "nr-spikiness-exp", type=float, default=0.0, help="exponent of max/mean activation (default 0)")
+    _flag(parser, "weight-exp", type=float, default=1.0, help="alpha: exponent of |W|")
+    _flag(parser, "tf-exp", type=float, default=1.0, help="beta: exponent of TF")
+    _flag(parser, "idf-exp", type=float, default=1.0, help="gamma: exponent of IDF")
+    _flag(parser, "nr-mlp-signal", default="down_input", choices=("down_input", "gate"),
+          help="MLP neuron activation: down_proj's input (what the neuron emits) or gate_proj's output (the seeds')")
+    attention = parser.add_mutually_exclusive_group()
+    attention.add_argument("--nr-include-attention", "--nr_include_attention", dest="nr_include_attention",
+                           action="store_true", default=True, help="prune q/k/v/o too (default)")
+    attention.add_argument("--nr-skip-attention", "--nr_skip_attention", dest="nr_include_attention",
+                           action="store_false", help="prune the MLP only")
+    _flag(parser, "nr-prune-lm-head", action="store_true", help="also prune lm_head by magnitude (untied if tied)")
+    _flag(parser, "pruning_last", type=int, default=None, help="prune only the MLPs of the last N blocks")
+    _flag(parser, "hybrid-mlp-method", default="neuronrank_tfidf", choices=("neuronrank_tfidf", "neuronrank_old"),
+          help="the MLP method of --prune_method hybrid (attention uses Wanda)")
 
 
 def _sparsegpt_and_budget_flags(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ class OffloadPruneError(Exception):
     """An error the user can act on; the CLI prints it as one line and exits non-zero."""
 
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "neuronrank_old", "neuronrank_tfidf", "hybrid")
 ACTIVATION_STORES = ("ram", "disk")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -40,6 +40,19 @@ class PruneConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     true_sequential: bool = False
+    # NeuronRank family and module selection (seeds 000-003)
+    nr_tfidf_mode: str = "doc"
+    nr_tfidf_k: int = 64
+    nr_q_active: float = 0.60
+    nr_spikiness_exp: float = 0.0
+    weight_exp: float = 1.0
+    tf_exp: float = 1.0
+    idf_exp: float = 1.0
+    nr_mlp_signal: str = "down_input"
+    nr_include_attention: bool = True
+    nr_prune_lm_head: bool = False
+    pruning_last: int | None = None
+    hybrid_mlp_method: str = "neuronrank_tfidf"
     # Budgets checked against the memory plan before any weight is read (bytes; None = no limit).
     max_device_memory: int | None = None
     max_host_memory: int | None = None
@@ -52,7 +65,23 @@ class PruneConfig:
                 f"--prune_method {self.prune_method!r} is not one of {', '.join(METHODS)}")
         if not 0.0 <= self.sparsity_ratio < 1.0:
             raise OffloadPruneError(f"--sparsity_ratio must be in [0, 1), got {self.sparsity_ratio}")
-        self.nm = parse_sparsity_type(self.sparsity_type)
+        if self.sparsity_type == "structured":
+            if self.prune_method != "neuronrank_old":
+                raise OffloadPruneError("--sparsity_type structured (whole MLP neurons) is supported by "
+                                        "--prune_method neuronrank_old only")
+            self.nm = None
+        else:
+            self.nm = parse_sparsity_type(self.sparsity_type)
+        if self.nr_tfidf_mode not in ("doc", "topic"):
+            raise OffloadPruneError(f"--nr-tfidf-mode must be doc or topic, got {self.nr_tfidf_mode!r}")
+        if self.nr_mlp_signal not in ("down_input", "gate"):
+            raise OffloadPruneError(f"--nr-mlp-signal must be down_input or gate, got {self.nr_mlp_signal!r}")
+        if self.hybrid_mlp_method not in ("neuronrank_tfidf", "neuronrank_old"):
+            raise OffloadPruneError("--hybrid-mlp-method must be neuronrank_tfidf or neuronrank_old")
+        if not 0.0 <= self.nr_q_active < 1.0:
+            raise OffloadPruneError(f"--nr-q-active must be in [0, 1), got {self.nr_q_active}")
+        if self.nr_tfidf_k < 1 or (self.pruning_last is not None and self.pruning_last < 1):
+            raise OffloadPruneError("--nr-tfidf-k and --pruning_last must be >= 1")
         if self.percdamp < 0:
             raise OffloadPruneError(f"--percdamp must be >= 0, got {self.percdamp}")
         for name in ("nsamples", "seqlen", "micro_batch_size", "blocksize"):
@@ -98,7 +127,7 @@ def parse_sparsity_type(text: str) -> tuple[int, int] | None:
         n, m = (int(part) for part in text.split(":"))
     except ValueError:
         raise OffloadPruneError(
-            f"--sparsity_type must be 'unstructured' or N:M such as 2:4, got {text!r}") from None
+            f"--sparsity_type must be 'unstructured', 'structured' or N:M such as 2:4, got {text!r}") from None
     if not 0 < n < m:
         raise OffloadPruneError(f"--sparsity_type {text}: N:M needs 0 < N < M")
     return n, m

@@ -9,6 +9,7 @@ and tokenizer files -> report (and perplexity, streamed the same way).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -27,9 +28,11 @@ from .evaluate import evaluate_text
 from .hostmem import keep_large_allocations_mmapped
 from .methods import build_method
 from .plan import check_budget, memory_plan
+from .masks import prune_mask
 from .report import (PhaseTimer, format_summary, module_stats, peak_device_bytes,
                      peak_host_rss_bytes, totals, write_report)
 from .runstate import RunState
+from .selection import selected_linears
 from .skeleton import StreamedModel, run_windows
 
 
@@ -104,8 +107,14 @@ def prune(config: PruneConfig) -> dict:
         print(f"resuming {save}: {state.completed_blocks} of {streamed.num_layers} blocks already done",
               file=sys.stderr)
 
-    layout = ShardLayout([streamed.outside_names] + [streamed.block_names(i) for i in range(streamed.num_layers)],
-                         {n: reader.nbytes(n) for n in reader.weight_map}, reader.max_shard_bytes())
+    head = LmHead(streamed) if config.nr_prune_lm_head else None
+    nbytes = {n: reader.nbytes(n) for n in reader.weight_map}
+    outside_names = list(streamed.outside_names)
+    if head and head.name not in reader.weight_map:  # tied: the pruned head becomes a tensor of its own
+        outside_names.append(head.name)
+        nbytes[head.name] = reader.nbytes(head.source)
+    layout = ShardLayout([outside_names] + [streamed.block_names(i) for i in range(streamed.num_layers)],
+                         nbytes, reader.max_shard_bytes())
     store = ActivationStore(state.dir, (len(windows), config.seqlen, reader.config.hidden_size), dtype,
                             on_disk=config.offload_activations == "disk")
 
@@ -126,20 +135,22 @@ def prune(config: PruneConfig) -> dict:
         for index in tqdm(blocks, desc="blocks", disable=quiet, initial=state.completed_blocks,
                           total=streamed.num_layers):
             block = streamed.load_block(index)
-            linears = find_linears(block)
+            linears = selected_linears(find_linears(block), index, streamed.num_layers, config)
             kill_point(f"block-start:{index}")
             method_info: dict[str, dict] = {}
-            for group in method.groups(linears):
-                if method.needs_calibration:
-                    _collect(method, block, {n: linears[n] for n in group}, layer_kwargs[index], inputs, config, device)
-                method_info.update(method.prune({n: linears[n] for n in group}))
+            for group in (method.groups(linears) if linears else []):
+                members = {n: linears[n] for n in group}
+                for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
+                    method.start_pass(calibration_pass)
+                    _collect(method, block, members, layer_kwargs[index], inputs, config, device)
+                method_info.update(method.prune(members))
             kill_point(f"block-pruned:{index}")
             outputs = store.output_buffer(index + 1)
             run_windows(block, layer_kwargs[index], inputs, outputs, config.micro_batch_size, device)
             tensors = streamed.block_tensors(index)
             prefix = f"{streamed.layers_path}.{index}."
             modules = {prefix + name: {**module_stats(tensors[prefix + name + ".weight"], config.nm),
-                                       **method_info.get(name, {})} for name in linears}
+                                       "rule": method.rule(name), **method_info.get(name, {})} for name in linears}
             layout.write_unit(1 + index, save, tensors, after_each_file=lambda: kill_point(f"writing:{index}"))
             store.commit(index + 1)
             inputs = store.tensor
@@ -148,10 +159,16 @@ def prune(config: PruneConfig) -> dict:
             kill_point(f"block-done:{index}")
 
     with timer("write"):
-        layout.write_unit(0, save, reader.read(streamed.outside_names))
+        outside = reader.read(streamed.outside_names)
+        if head:
+            outside[head.name] = head.prune(reader.read([head.source])[head.source], config, device)
+            state.modules[head.name] = {**module_stats(outside[head.name], config.nm), "rule": "magnitude"}
+        layout.write_unit(0, save, outside)
         kill_point("finalize")
         layout.write_index(save)
         copy_side_files(reader.folder, save)
+        if head and head.name != head.source:
+            untie_word_embeddings(save / "config.json")
         state.finish()
 
     report = {
@@ -179,12 +196,39 @@ def prune(config: PruneConfig) -> dict:
     return report
 
 
+class LmHead:
+    """The output projection, pruned by magnitude at the end (--nr-prune-lm-head). A tied head has no
+    tensor of its own: it is read from the embedding and written as a new tensor."""
+
+    def __init__(self, streamed: StreamedModel):
+        model = streamed.model
+        paths = {module: path for path, module in model.named_modules()}
+        self.name = paths[model.get_output_embeddings()] + ".weight"
+        tied = self.name not in streamed.reader.weight_map
+        self.source = paths[model.get_input_embeddings()] + ".weight" if tied else self.name
+
+    @torch.no_grad()
+    def prune(self, weight: torch.Tensor, config: PruneConfig, device: torch.device) -> torch.Tensor:
+        scores = weight.to(device, torch.float32).abs()
+        mask = prune_mask(scores, config.sparsity_ratio, config.nm, per_row=False)
+        return weight.masked_fill(mask.cpu(), 0)
+
+
+def untie_word_embeddings(config_path) -> None:
+    config = json.loads(config_path.read_text())
+    config["tie_word_embeddings"] = False
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _collect(method, block: nn.Module, linears: dict[str, nn.Linear], kwargs: dict, inputs: torch.Tensor,
              config: PruneConfig, device: torch.device) -> None:
     """One pass of the calibration windows through the block with the method's statistics hooked in."""
-    handles = [linear.register_forward_hook(
-        lambda module, args, output, name=name: method.add_batch(name, args[0], output))
-        for name, linear in linears.items()]
+    def hook(name):
+        def observe(module, args, output) -> None:  # returning None keeps the layer's output as it is
+            method.add_batch(name, args[0], output)
+        return observe
+
+    handles = [linear.register_forward_hook(hook(name)) for name, linear in linears.items()]
     try:
         run_windows(block, kwargs, inputs, None, config.micro_batch_size, device)
     finally:

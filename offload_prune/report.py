@@ -10,17 +10,7 @@ from pathlib import Path
 import torch
 
 from .masks import nm_valid
-
-
-def module_kind(name: str) -> str:
-    lowered = name.lower()
-    if "attn" in lowered or "attention" in lowered:
-        return "attention"
-    if "mlp" in lowered or "feed_forward" in lowered or "ffn" in lowered:
-        return "mlp"
-    if "lm_head" in lowered:
-        return "lm_head"
-    return "other"
+from .selection import module_kind
 
 
 def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None) -> dict:
@@ -90,6 +80,10 @@ def format_summary(report: dict) -> str:
     for kind, entry in report["totals"].items():
         lines.append(f"  {kind:<10} {entry['modules']:>6} {entry['numel']:>14,} {entry['zeros']:>14,} "
                      f"{entry['sparsity']:>9.2%}")
+    rules: dict[str, int] = {}
+    for stats in report["modules"].values():
+        rules[stats.get("rule", "?")] = rules.get(stats.get("rule", "?"), 0) + 1
+    lines.append("  pruned by: " + ", ".join(f"{rule} {count} modules" for rule, count in sorted(rules.items())))
     if report.get("nm_valid") is not None:
         lines.append(f"  N:M pattern valid in every module: {report['nm_valid']}")
     for which in ("dense", "pruned"):

@@ -17,6 +17,8 @@ from ..masks import prune_mask
 class PruningMethod:
     #: False when the method scores weights alone and needs no calibration forward pass.
     needs_calibration: bool = True
+    #: Calibration passes per group before `prune`; `start_pass(i)` is called before each.
+    calibration_passes: int = 1
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -25,8 +27,15 @@ class PruningMethod:
         """Linears to collect statistics for and prune together, in order; one group by default."""
         return [list(linears)]
 
+    def start_pass(self, index: int) -> None:
+        """Called before calibration pass `index` of each group."""
+
     def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         """Statistics from one micro-batch of the inputs (and outputs) of linear `name`."""
+
+    def rule(self, name: str) -> str:
+        """What pruned module `name`, for the report."""
+        return type(self).__name__.lower()
 
     def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
         """Prune these linears in place; return anything worth reporting per module."""

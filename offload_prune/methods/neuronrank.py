@@ -1,0 +1,222 @@
+"""NeuronRank: score weights by what their neuron's activations look like over the calibration text.
+
+For channel j of a signal a (per token t of calibration window d):
+
+    TF_j         = mean over all tokens of |a_j|
+    spikiness_j  = max_t |a_j| / TF_j
+    doc mode     m[d, j] = mean_t |a[d, t, j]|, one row per calibration window
+    topic mode   m[k, j] = mean |a_j| over the tokens of topic k (cosine k-means on a fixed random
+                 projection of the tokens' activations); N counts the non-empty topics
+    DF_j         = #{rows r : m[r, j] > tau},  tau = the q_active quantile of all of m
+    IDF_j        = log((N + 1) / (DF_j + 1)) + 1
+    old (token)  DF_j = #{tokens : a_j > 0}, N = number of tokens, same IDF
+
+    score[i, j]  = |W[i, j]|^alpha * TF_j^beta * IDF_j^gamma * spikiness_j^rho
+
+broadcast along the neuron's axis of each matrix (rows of gate/up/q/k/v, columns of down/o);
+neuronrank_old uses the L2 norm of the neuron's weights instead of |W[i, j]|. tau is one threshold
+for the whole module, so channels differ in DF; a per-channel threshold (as in the public code
+these methods come from) makes every channel "active" everywhere and IDF a constant.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import PruneConfig
+from ..masks import lowest_k, prune_mask
+from .base import PruningMethod
+
+PROJECTION_DIM = 128
+KMEANS_ITERATIONS = 4
+
+
+def inverse_frequency(df: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.log((n + 1) / (df.double() + 1)) + 1
+
+
+def frequency_above_quantile(strengths: torch.Tensor, q_active: float) -> torch.Tensor:
+    """DF per channel: rows of `strengths` [rows, channels] above the module-wide quantile."""
+    tau = torch.quantile(strengths.double().flatten(), q_active)
+    return (strengths.double() > tau).sum(dim=0)
+
+
+def cosine_kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """Topic label per row of `points` (unit vectors). A topic that loses all its tokens keeps its
+    centroid and stays empty; it is not counted as a document."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(k, points.shape[0])
+    centroids = points[torch.randperm(points.shape[0], generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        labels = (points @ centroids.T).argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, points)
+        filled = sums.norm(dim=1) > 0
+        centroids[filled] = torch.nn.functional.normalize(sums[filled], dim=1)
+    return (points @ centroids.T).argmax(dim=1)
+
+
+class ChannelStatistics:
+    """Streaming statistics of one signal [windows, tokens, channels]; topic mode takes two passes."""
+
+    def __init__(self, mode: str, config: PruneConfig):
+        self.mode, self.config = mode, config
+        self.abs_sum = self.abs_max = self.positive = None
+        self.tokens = 0
+        self.rows: list[torch.Tensor] = []            # doc: per-window means; topic pass 0: projections
+        self.labels: torch.Tensor | None = None       # topic: label per token, after pass 0
+        self.topic_sums = self.topic_counts = None
+        self.projection: torch.Tensor | None = None
+        self.cursor = 0
+
+    def add(self, activations: torch.Tensor, calibration_pass: int) -> None:
+        a = activations.detach().reshape(-1, activations.shape[-2], activations.shape[-1]).float()
+        flat = a.reshape(-1, a.shape[-1]).abs()
+        if calibration_pass == 1:  # topic mode: per-topic sums with the labels found after pass 0
+            labels = self.labels[self.cursor:self.cursor + flat.shape[0]].to(flat.device)
+            self.cursor += flat.shape[0]
+            self.topic_sums.index_add_(0, labels, flat)
+            self.topic_counts += torch.bincount(labels, minlength=len(self.topic_counts)).to(self.topic_counts)
+            return
+        batch_sum, batch_max = flat.sum(dim=0), flat.max(dim=0).values
+        if self.abs_sum is None:
+            self.abs_sum, self.abs_max = batch_sum, batch_max
+            self.positive = torch.zeros_like(batch_sum)
+        else:
+            self.abs_sum += batch_sum
+            self.abs_max = torch.maximum(self.abs_max, batch_max)
+        self.tokens += flat.shape[0]
+        if self.mode == "old":
+            self.positive += (a > 0).reshape(-1, a.shape[-1]).sum(dim=0)
+        elif self.mode == "doc":
+            self.rows.append(a.abs().mean(dim=1).cpu())
+        else:
+            self.rows.append(torch.nn.functional.normalize(a.reshape(-1, a.shape[-1]) @ self._projection(a), dim=1).cpu())
+
+    def _projection(self, a: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:  # fixed: seeded, made once
+            generator = torch.Generator().manual_seed(self.config.seed)
+            self.projection = (torch.randn(a.shape[-1], PROJECTION_DIM, generator=generator)
+                               / math.sqrt(PROJECTION_DIM)).to(a.device)
+        return self.projection
+
+    def end_pass(self, calibration_pass: int) -> None:
+        if self.mode == "topic" and calibration_pass == 0:
+            points = torch.cat(self.rows)
+            self.labels = cosine_kmeans(points, self.config.nr_tfidf_k, self.config.seed)
+            self.rows = []
+            k = min(self.config.nr_tfidf_k, len(points))
+            self.topic_sums = torch.zeros(k, self.abs_sum.shape[0], device=self.abs_sum.device)
+            self.topic_counts = torch.zeros(k, device=self.abs_sum.device)
+
+    def tf(self) -> torch.Tensor:
+        return self.abs_sum.double() / self.tokens
+
+    def spikiness(self) -> torch.Tensor:
+        tf = self.tf()
+        return torch.where(tf > 0, self.abs_max.double() / tf, torch.ones_like(tf))
+
+    def idf(self) -> torch.Tensor:
+        if self.mode == "old":
+            return inverse_frequency(self.positive, self.tokens)
+        if self.mode == "doc":
+            return inverse_frequency(frequency_above_quantile(torch.cat(self.rows), self.config.nr_q_active), sum(len(r) for r in self.rows))
+        filled = self.topic_counts > 0
+        strengths = self.topic_sums[filled] / self.topic_counts[filled, None]
+        return inverse_frequency(frequency_above_quantile(strengths.cpu(), self.config.nr_q_active), int(filled.sum()))
+
+    def neuron_factor(self) -> torch.Tensor:
+        c = self.config
+        return self.tf() ** c.tf_exp * self.idf().to(self.abs_sum.device) ** c.idf_exp * self.spikiness() ** c.nr_spikiness_exp
+
+
+def signal_of(name: str, mlp_signal: str) -> tuple[str, str, int]:
+    """(signal key, 'inputs' or 'outputs' of this linear that carry it, axis of W along the channel)."""
+    parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+    if leaf in ("gate_proj", "up_proj", "down_proj"):
+        source = "down_proj" if mlp_signal == "down_input" else "gate_proj"
+        side = "inputs" if mlp_signal == "down_input" else "outputs"
+        return parent, side if leaf == source else "", 1 if leaf == "down_proj" else 0  # one signal per MLP
+    if leaf == "o_proj":
+        return name, "inputs", 1
+    return name, "outputs", 0
+
+
+class NeuronRank(PruningMethod):
+    """neuronrank_tfidf (doc / topic) and neuronrank_old."""
+
+    def __init__(self, config: PruneConfig, variant: str | None = None):
+        super().__init__(config)
+        self.variant = variant or config.prune_method
+        self.mode = "old" if self.variant == "neuronrank_old" else config.nr_tfidf_mode
+        self.calibration_passes = 2 if self.mode == "topic" else 1
+        self.signals: dict[str, ChannelStatistics] = {}
+        self.calibration_pass = 0
+
+    def rule(self, name: str) -> str:
+        return "neuronrank_old" if self.mode == "old" else f"neuronrank_tfidf({self.mode})"
+
+    def start_pass(self, index: int) -> None:
+        if index > 0:
+            for stats in self.signals.values():
+                stats.end_pass(index - 1)
+        self.calibration_pass = index
+
+    def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        key, side, _ = signal_of(name, self.config.nr_mlp_signal)
+        if side:
+            stats = self.signals.setdefault(key, ChannelStatistics(self.mode, self.config))
+            stats.add(inputs if side == "inputs" else outputs, self.calibration_pass)
+
+    def memory_bytes(self, linears, compute_dtype) -> dict[str, int]:
+        """Per signal: float32 channel sums, maxima and counts; doc mode one row per window; topic mode
+        one 128-dim projection per token, then one row per topic."""
+        c = self.config
+        channels = [m.out_features if signal_of(n, c.nr_mlp_signal)[1] == "outputs" else m.in_features
+                    for n, m in linears.items() if signal_of(n, c.nr_mlp_signal)[1]]
+        rows = {"old": 0, "doc": c.nsamples, "topic": c.nsamples * c.seqlen * PROJECTION_DIM // max(channels or [1])}
+        statistics = sum(ch * 4 * (3 + rows[self.mode]) for ch in channels)
+        base = super().memory_bytes(linears, compute_dtype)
+        return {"statistics": statistics, "prune": statistics + base["prune"]}
+
+    @torch.no_grad()
+    def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
+        factors = {key: stats.neuron_factor() for key, stats in self.signals.items()}
+        self.signals = {}
+        if self.config.sparsity_type == "structured":
+            return self._prune_neurons(linears, factors)
+        for name, linear in linears.items():
+            key, _, axis = signal_of(name, self.config.nr_mlp_signal)
+            scores = self._scores(linear.weight.float(), factors[key].float(), axis)
+            mask = prune_mask(scores, self.config.sparsity_ratio, self.config.nm, per_row=False)
+            linear.weight[mask] = 0
+        return {name: {"rule": self.rule(name)} for name in linears}
+
+    def _scores(self, weight: torch.Tensor, factor: torch.Tensor, axis: int) -> torch.Tensor:
+        if self.mode == "old":  # the neuron's weight norm, the same for all its weights
+            magnitude = weight.norm(dim=1 - axis, keepdim=True).expand_as(weight)
+        else:
+            magnitude = weight.abs()
+        shape = (-1, 1) if axis == 0 else (1, -1)
+        return magnitude ** self.config.weight_exp * factor.reshape(shape)
+
+    def _prune_neurons(self, linears: dict[str, nn.Linear], factors: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """Whole MLP neurons: gate/up row j and down column j go together, by neuron score."""
+        results = {}
+        for name in [n for n in linears if n.endswith("down_proj")]:
+            parent = name.rsplit(".", 1)[0]
+            members = [linears[f"{parent}.{leaf}"] for leaf in ("gate_proj", "up_proj") if f"{parent}.{leaf}" in linears]
+            down = linears[name]
+            norms = down.weight.float().pow(2).sum(dim=0)
+            for m in members:
+                norms += m.weight.float().pow(2).sum(dim=1)
+            scores = norms.sqrt() ** self.config.weight_exp * factors[signal_of(name, self.config.nr_mlp_signal)[0]].float()
+            removed = lowest_k(scores[None], int(scores.numel() * self.config.sparsity_ratio))[0]
+            for m in members:
+                m.weight[removed, :] = 0
+            down.weight[:, removed] = 0
+            for linear_name in [name] + [f"{parent}.{leaf}" for leaf in ("gate_proj", "up_proj")]:
+                if linear_name in linears:
+                    results[linear_name] = {"rule": "neuronrank_old(structured)", "neurons_removed": int(removed.sum())}
+        return results
