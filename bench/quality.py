@@ -1,8 +1,8 @@
 """Perplexity of every method at 50 %, 2:4 and 70 % on the real models in ../shared/assets.
 
-    python bench/quality.py --preset stories260k     # TinyStories model on TinyStories text (~3 min)
+    python bench/quality.py --preset stories260k     # TinyStories model on TinyStories text (~1 min)
     python bench/quality.py --preset smollm2         # SmolLM2-135M on WikiText-2 (build it first with
-                                                     # ../shared/assets/get_smollm2.sh; ~1 h on 2 cores)
+                                                     # ../shared/assets/get_smollm2.sh; ~45 min on 2 cores)
 
 Calibration: random windows of the calibration text (seed 0); evaluation: non-overlapping
 windows of the evaluation text, as SparseGPT/Wanda compute WikiText-2 perplexity. NeuronRank
@@ -24,12 +24,13 @@ from memory import machine
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 PRESETS = {
+    # The 46 stories are split: the first half calibrates, the second half is evaluated.
     "stories260k": dict(model=ASSETS / "models" / "stories260K", calib=ASSETS / "data" / "tinystories_valid_sample.txt",
-                        eval=ASSETS / "data" / "tinystories_valid_sample.txt", nsamples=64, seqlen=256,
-                        eval_seqlen=512, eval_max_windows=None),
+                        eval=ASSETS / "data" / "tinystories_valid_sample.txt", split_half=True, nsamples=64,
+                        seqlen=256, eval_seqlen=512, eval_max_windows=None),
     "smollm2": dict(model=Path(os.environ.get("SMOLLM2", Path.home() / ".cache/offload-prune-assets/smollm2-135m")),
                     calib=ASSETS / "data" / "wikitext2_valid_tokens.txt", eval=ASSETS / "data" / "wikitext2_test.txt",
-                    nsamples=32, seqlen=512, eval_seqlen=2048, eval_max_windows=16),
+                    nsamples=16, seqlen=512, eval_seqlen=2048, eval_max_windows=8),
 }
 METHODS = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("neuronrank_old", {}),
            ("neuronrank_tfidf", {"nr_tfidf_mode": "doc"}), ("neuronrank_tfidf", {"nr_tfidf_mode": "topic"}),
@@ -56,6 +57,13 @@ def main() -> None:
         raise SystemExit(f"{preset['model']} not found (see ../shared/assets/README.md)")
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = torch.device("cpu"), torch.float32
+    if preset.get("split_half"):
+        stories = preset["calib"].read_text().split("\n\n")
+        half = len(stories) // 2
+        for part, chunk in (("calib", stories[:half]), ("eval", stories[half:])):
+            path = args.out / f"{args.preset}-{part}.txt"
+            path.write_text("\n\n".join(chunk))
+            preset = {**preset, part: path}
 
     def ppl(folder: Path) -> float:
         reader = CheckpointReader(str(folder))

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,9 +27,9 @@ from .checkpoint import CheckpointReader, ShardLayout, copy_side_files
 from .config import OffloadPruneError, PruneConfig
 from .evaluate import evaluate_text
 from .hostmem import keep_large_allocations_mmapped
-from .methods import build_method
-from .plan import check_budget, memory_plan
+from .methods import PruningMethod, build_method
 from .masks import prune_mask
+from .plan import check_budget, memory_plan
 from .report import (PhaseTimer, format_summary, module_stats, peak_device_bytes,
                      peak_host_rss_bytes, totals, write_report)
 from .runstate import RunState
@@ -74,22 +75,34 @@ def load_tokenizer(folder):
         raise OffloadPruneError(f"{folder}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
 
 
+@dataclass
+class Run:
+    """Everything one pruning run works with, made once by `prune` and handed to each phase."""
+    config: PruneConfig
+    reader: CheckpointReader
+    device: torch.device
+    streamed: StreamedModel
+    method: PruningMethod
+    state: RunState
+    layout: ShardLayout
+    store: ActivationStore
+    head: "LmHead | None"
+    timer: PhaseTimer
+
+
 def prune(config: PruneConfig) -> dict:
     config.validate()
     if config.save is None:
         raise OffloadPruneError("--save is required: the folder the pruned model is written to")
     keep_large_allocations_mmapped()
     timer = PhaseTimer()
-    quiet = config.quiet
     reader = CheckpointReader(config.model)  # config and shard headers only
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device, reader)
     plan = memory_plan(config, reader.config, device.type)
     check_budget(plan, config)
     streamed = StreamedModel(reader, device, dtype)
-    method = build_method(config)
     tokenizer = load_tokenizer(reader.folder)
-
     with timer("calibration"):
         windows = sample_windows(tokenize(tokenizer, load_text(config.calib_data)),
                                  config.nsamples, config.seqlen, config.seed)
@@ -101,78 +114,30 @@ def prune(config: PruneConfig) -> dict:
         "versions": {"offload_prune": __version__, "torch": torch.__version__},
     }
     state = RunState.prepare(config.save, reader.folder, fingerprint, config.overwrite, config.resume)
-    save = state.save
     resuming = state.completed_blocks > 0 or state.manifest["captured"]
-    if resuming and not quiet:
-        print(f"resuming {save}: {state.completed_blocks} of {streamed.num_layers} blocks already done",
+    if resuming and not config.quiet:
+        print(f"resuming {state.save}: {state.completed_blocks} of {streamed.num_layers} blocks already done",
               file=sys.stderr)
-
     head = LmHead(streamed) if config.nr_prune_lm_head else None
-    nbytes = {n: reader.nbytes(n) for n in reader.weight_map}
-    outside_names = list(streamed.outside_names)
-    if head and head.name not in reader.weight_map:  # tied: the pruned head becomes a tensor of its own
-        outside_names.append(head.name)
-        nbytes[head.name] = reader.nbytes(head.source)
-    layout = ShardLayout([outside_names] + [streamed.block_names(i) for i in range(streamed.num_layers)],
-                         nbytes, reader.max_shard_bytes())
     store = ActivationStore(state.dir, (len(windows), config.seqlen, reader.config.hidden_size), dtype,
                             on_disk=config.offload_activations == "disk")
+    run = Run(config, reader, device, streamed, build_method(config), state, _output_layout(streamed, head),
+              store, head, timer)
 
     if not state.manifest["captured"]:
         with timer("capture"):
-            streamed.load_outside(with_head=False)
-            layer0_inputs = store.create(0)
-            layer_kwargs = streamed.capture_into(windows, layer0_inputs, quiet, "calibration: embed")
-            streamed.unload_outside()
-            state.save_layer_kwargs(layer_kwargs)
-            store.commit(0)
-            state.commit(captured=True)
+            _capture(run, windows)
     layer_kwargs = state.load_layer_kwargs()
     inputs = store.open(state.completed_blocks)
-
     with timer("prune"):
-        blocks = range(state.completed_blocks, streamed.num_layers)
-        for index in tqdm(blocks, desc="blocks", disable=quiet, initial=state.completed_blocks,
-                          total=streamed.num_layers):
-            block = streamed.load_block(index)
-            linears = selected_linears(find_linears(block), index, streamed.num_layers, config)
-            kill_point(f"block-start:{index}")
-            method_info: dict[str, dict] = {}
-            for group in (method.groups(linears) if linears else []):
-                members = {n: linears[n] for n in group}
-                for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
-                    method.start_pass(calibration_pass)
-                    _collect(method, block, members, layer_kwargs[index], inputs, config, device)
-                method_info.update(method.prune(members))
-            kill_point(f"block-pruned:{index}")
-            outputs = store.output_buffer(index + 1)
-            run_windows(block, layer_kwargs[index], inputs, outputs, config.micro_batch_size, device)
-            tensors = streamed.block_tensors(index)
-            prefix = f"{streamed.layers_path}.{index}."
-            modules = {prefix + name: {**module_stats(tensors[prefix + name + ".weight"], config.nm),
-                                       "rule": method.rule(name), **method_info.get(name, {})} for name in linears}
-            layout.write_unit(1 + index, save, tensors, after_each_file=lambda: kill_point(f"writing:{index}"))
-            store.commit(index + 1)
-            inputs = store.tensor
-            state.commit(completed_blocks=index + 1, modules={**state.modules, **modules})
-            streamed.unload_block(index)
-            kill_point(f"block-done:{index}")
-
+        for index in tqdm(range(state.completed_blocks, streamed.num_layers), desc="blocks", disable=config.quiet,
+                          initial=state.completed_blocks, total=streamed.num_layers):
+            inputs = _prune_block(run, index, layer_kwargs[index], inputs)
     with timer("write"):
-        outside = reader.read(streamed.outside_names)
-        if head:
-            outside[head.name] = head.prune(reader.read([head.source])[head.source], config, device)
-            state.modules[head.name] = {**module_stats(outside[head.name], config.nm), "rule": "magnitude"}
-        layout.write_unit(0, save, outside)
-        kill_point("finalize")
-        layout.write_index(save)
-        copy_side_files(reader.folder, save)
-        if head and head.name != head.source:
-            untie_word_embeddings(save / "config.json")
-        state.finish()
+        _write_outside_and_finish(run)
 
     report = {
-        "save": str(save), "model": str(reader.folder), "method": config.prune_method,
+        "save": str(state.save), "model": str(reader.folder), "method": config.prune_method,
         "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
         "options": config.result_options(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "resumed": resuming, "memory_plan": plan, "modules": state.modules, "totals": totals(state.modules),
@@ -180,9 +145,9 @@ def prune(config: PruneConfig) -> dict:
     }
     if config.eval_ppl:
         options = dict(micro_batch_size=config.micro_batch_size,
-                       on_disk=config.offload_activations == "disk", quiet=quiet)
+                       on_disk=config.offload_activations == "disk", quiet=config.quiet)
         report["perplexity"] = {}
-        for which, folder in (("dense", reader.folder), ("pruned", save)):
+        for which, folder in (("dense", reader.folder), ("pruned", state.save)):
             with timer(f"eval_{which}"):
                 report["perplexity"][which] = evaluate_text(
                     CheckpointReader(str(folder)), config.eval_data, config.seqlen, config.eval_max_windows,
@@ -190,10 +155,76 @@ def prune(config: PruneConfig) -> dict:
     report["seconds"] = timer.seconds
     report["peak_host_rss_bytes"] = peak_host_rss_bytes()
     report["peak_device_bytes"] = peak_device_bytes(device)
-    write_report(save, report)
-    if not quiet:
+    write_report(state.save, report)
+    if not config.quiet:
         print(format_summary(report))
     return report
+
+
+def _output_layout(streamed: StreamedModel, head: "LmHead | None") -> ShardLayout:
+    reader = streamed.reader
+    nbytes = {n: reader.nbytes(n) for n in reader.weight_map}
+    outside_names = list(streamed.outside_names)
+    if head and head.name not in reader.weight_map:  # tied: the pruned head becomes a tensor of its own
+        outside_names.append(head.name)
+        nbytes[head.name] = reader.nbytes(head.source)
+    return ShardLayout([outside_names] + [streamed.block_names(i) for i in range(streamed.num_layers)],
+                       nbytes, reader.max_shard_bytes())
+
+
+def _capture(run: Run, windows: torch.Tensor) -> None:
+    """Layer-0 inputs of every calibration window and each layer's keyword arguments, made durable."""
+    run.streamed.load_outside(with_head=False)
+    layer0_inputs = run.store.create(0)
+    layer_kwargs = run.streamed.capture_into(windows, layer0_inputs, run.config.quiet, "calibration: embed")
+    run.streamed.unload_outside()
+    run.state.save_layer_kwargs(layer_kwargs)
+    run.store.commit(0)
+    run.state.commit(captured=True)
+
+
+def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor) -> torch.Tensor:
+    """Load, collect, prune, propagate, write and commit block `index`; returns the next block's inputs."""
+    config, method, device = run.config, run.method, run.device
+    block = run.streamed.load_block(index)
+    linears = selected_linears(find_linears(block), index, run.streamed.num_layers, config)
+    kill_point(f"block-start:{index}")
+    method_info: dict[str, dict] = {}
+    for group in (method.groups(linears) if linears else []):
+        members = {n: linears[n] for n in group}
+        for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
+            method.start_pass(calibration_pass)
+            _collect(method, block, members, layer_kwargs, inputs, config, device)
+        method_info.update(method.prune(members))
+    kill_point(f"block-pruned:{index}")
+    outputs = run.store.output_buffer(index + 1)
+    run_windows(block, layer_kwargs, inputs, outputs, config.micro_batch_size, device)
+    tensors = run.streamed.block_tensors(index)
+    prefix = f"{run.streamed.layers_path}.{index}."
+    modules = {prefix + name: {**module_stats(tensors[prefix + name + ".weight"], config.nm),
+                               "rule": method.rule(name), **method_info.get(name, {})} for name in linears}
+    run.layout.write_unit(1 + index, run.state.save, tensors, after_each_file=lambda: kill_point(f"writing:{index}"))
+    run.store.commit(index + 1)
+    run.state.commit(completed_blocks=index + 1, modules={**run.state.modules, **modules})
+    run.streamed.unload_block(index)
+    kill_point(f"block-done:{index}")
+    return run.store.tensor
+
+
+def _write_outside_and_finish(run: Run) -> None:
+    """Tensors outside the blocks (copied, or the pruned head), index, config/tokenizer files."""
+    reader, head, save = run.reader, run.head, run.state.save
+    outside = reader.read(run.streamed.outside_names)
+    if head:
+        outside[head.name] = head.prune(reader.read([head.source])[head.source], run.config, run.device)
+        run.state.modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude"}
+    run.layout.write_unit(0, save, outside)
+    kill_point("finalize")
+    run.layout.write_index(save)
+    copy_side_files(reader.folder, save)
+    if head and head.name != head.source:
+        untie_word_embeddings(save / "config.json")
+    run.state.finish()
 
 
 class LmHead:
