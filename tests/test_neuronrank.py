@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from offload_prune.config import PruneConfig

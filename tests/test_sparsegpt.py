@@ -148,3 +148,22 @@ def test_true_sequential_groups_and_pipeline_run(tiny_llama, tmp_path):
     a, b = read_all_tensors(tmp_path / "seqFalse"), read_all_tensors(tmp_path / "seqTrue")
     assert torch.equal(a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"])
     assert not torch.equal(a["model.layers.0.self_attn.o_proj.weight"], b["model.layers.0.self_attn.o_proj.weight"])
+
+
+def test_failed_second_factorisation_rebuilds_h_and_retries(monkeypatch):
+    """If chol(H^-1) fails after chol(H) succeeded, H is rebuilt from the inverse and damped 10x more."""
+    _, hessian = calibration()
+    expected, damping, _ = inverse_cholesky(hessian.clone(), 0.1)  # what the retry should land on
+    real = torch.linalg.cholesky_ex
+    failures = [1]
+
+    def flaky(matrix, upper=False, **kw):
+        if upper and failures:
+            failures.pop()
+            return real(matrix, upper=upper, **kw)[0], torch.tensor(1)
+        return real(matrix, upper=upper, **kw)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    upper, used, retries = inverse_cholesky(hessian.clone(), 0.01)
+    assert retries == 1 and used == pytest.approx(damping)
+    torch.testing.assert_close(upper, expected, rtol=1e-3, atol=1e-4)

@@ -69,7 +69,7 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
         if info == 0:
             return upper, damping, retry
-        hessian = torch.linalg.inv(inverse)
+        hessian = torch.linalg.inv(inverse)  # noqa: F841 (read by the next retry)
     raise OffloadPruneError(f"Hessian not positive definite even with damping {added:.3g} "
                             f"({fraction * 10 ** MAX_DAMPING_RETRIES:g} x mean diagonal)")
 
