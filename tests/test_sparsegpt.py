@@ -167,3 +167,12 @@ def test_failed_second_factorisation_rebuilds_h_and_retries(monkeypatch):
     upper, used, retries = inverse_cholesky(hessian.clone(), 0.01)
     assert retries == 1 and used == pytest.approx(damping)
     torch.testing.assert_close(upper, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_unstructured_sparsity_is_exact_in_every_module(tiny_llama, tmp_path):
+    report = prune(PruneConfig(model=str(tiny_llama), save=tmp_path / "out", prune_method="sparsegpt",
+                               sparsity_ratio=0.5, calib_data=str(tiny_llama / "demo.txt"), nsamples=4, seqlen=32,
+                               blocksize=32, quiet=True))
+    for name, module in report["modules"].items():
+        assert module["zeros"] == module["numel"] // 2, name
+        assert module["cholesky_retries"] == 0 and module["seconds"] >= 0
