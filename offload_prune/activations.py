@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 
@@ -77,7 +75,3 @@ class ActivationStore:
 
     def _tmp(self, index: int) -> Path:
         return self.path(index).with_suffix(".bin.tmp")
-
-    def batches(self, micro_batch_size: int) -> Iterator[slice]:
-        for start in range(0, self.shape[0], micro_batch_size):
-            yield slice(start, min(start + micro_batch_size, self.shape[0]))
