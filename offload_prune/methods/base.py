@@ -44,8 +44,15 @@ class PruningMethod:
     def memory_bytes(self, linears: dict[str, nn.Linear], compute_dtype: torch.dtype) -> dict[str, int]:
         """Compute-device bytes beyond the block's weights, for the memory plan: `statistics` held
         through the calibration pass, and the peak `prune` step (statistics still alive included).
-        `linears` may live on the meta device: only shapes are used."""
-        return {"statistics": 0, "prune": max(_mask_workspace(m, compute_dtype) for m in linears.values())}
+        `linears` may live on the meta device: only shapes are used. By default: the statistics,
+        still held while the largest linear's scores and mask are built."""
+        statistics = self.statistics_bytes(linears)
+        return {"statistics": statistics,
+                "prune": statistics + max(_mask_workspace(m, compute_dtype) for m in linears.values())}
+
+    def statistics_bytes(self, linears: dict[str, nn.Linear]) -> int:
+        """Bytes of statistics held for these linears through a calibration pass."""
+        return 0
 
 
 def _mask_workspace(linear: nn.Linear, compute_dtype: torch.dtype) -> int:

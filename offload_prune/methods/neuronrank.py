@@ -169,16 +169,14 @@ class NeuronRank(PruningMethod):
             stats = self.signals.setdefault(key, ChannelStatistics(self.mode, self.config))
             stats.add(inputs if side == "inputs" else outputs, self.calibration_pass)
 
-    def memory_bytes(self, linears, compute_dtype) -> dict[str, int]:
+    def statistics_bytes(self, linears) -> int:
         """Per signal: float32 channel sums, maxima and counts; doc mode one row per window; topic mode
         one 128-dim projection per token, then one row per topic."""
         c = self.config
         channels = [m.out_features if signal_of(n, c.nr_mlp_signal)[1] == "outputs" else m.in_features
                     for n, m in linears.items() if signal_of(n, c.nr_mlp_signal)[1]]
         rows = {"old": 0, "doc": c.nsamples, "topic": c.nsamples * c.seqlen * PROJECTION_DIM // max(channels or [1])}
-        statistics = sum(ch * 4 * (3 + rows[self.mode]) for ch in channels)
-        base = super().memory_bytes(linears, compute_dtype)
-        return {"statistics": statistics, "prune": statistics + base["prune"]}
+        return sum(ch * 4 * (3 + rows[self.mode]) for ch in channels)
 
     @torch.no_grad()
     def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:

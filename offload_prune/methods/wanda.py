@@ -25,10 +25,8 @@ class Wanda(ScoreMaskMethod):
         else:
             self.sum_squares[name] = squares
 
-    def memory_bytes(self, linears, compute_dtype) -> dict[str, int]:
-        statistics = sum(m.in_features * 8 for m in linears.values())  # float64 sums of squares
-        base = super().memory_bytes(linears, compute_dtype)
-        return {"statistics": statistics, "prune": statistics + base["prune"]}
+    def statistics_bytes(self, linears) -> int:
+        return sum(m.in_features * 8 for m in linears.values())  # float64 sums of squares
 
     def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         input_norm = self.sum_squares.pop(name).sqrt().to(weight.device, torch.float32)
