@@ -45,7 +45,7 @@ def label(method: str, extra: dict) -> str:
 def main() -> None:
     from offload_prune.checkpoint import CheckpointReader
     from offload_prune.config import PruneConfig
-    from offload_prune.evaluate import evaluate_text
+    from offload_prune.evaluate import evaluation_windows, perplexity
     from offload_prune.pipeline import load_tokenizer, prune
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,10 +65,11 @@ def main() -> None:
             path.write_text("\n\n".join(chunk))
             preset = {**preset, part: path}
 
+    eval_ids = evaluation_windows(str(preset["eval"]), load_tokenizer(preset["model"]), preset["eval_seqlen"],
+                                  preset["eval_max_windows"])
+
     def ppl(folder: Path) -> float:
-        reader = CheckpointReader(str(folder))
-        return evaluate_text(reader, str(preset["eval"]), preset["eval_seqlen"], preset["eval_max_windows"], device,
-                             dtype, load_tokenizer(reader.folder), quiet=True)["ppl"]
+        return perplexity(CheckpointReader(str(folder)), eval_ids, device, dtype, quiet=True)["ppl"]
 
     print(f"machine: {machine()}")
     print(f"{preset['model'].name}: calibration {preset['nsamples']} x {preset['seqlen']} tokens of "

@@ -3,12 +3,16 @@
 `ram` keeps them in memory and persists a copy per block for resuming; `disk` keeps them in a
 memory-mapped file, so host memory holds only the pages in use. Files are raw bytes (torch
 can map any dtype, bf16 included) named by the block they feed: acts_00012.bin feeds block 12.
+A committed file is only ever read (mapped read-only on disk), never created by reading it; the
+run state decides when an old one is deleted.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
 import torch
+
+from . import durable
 
 
 class ActivationStore:
@@ -17,38 +21,41 @@ class ActivationStore:
         self.numel = 1
         for dim in self.shape:
             self.numel *= dim
-        self.index: int | None = None
         self.tensor: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @staticmethod
+    def name(index: int) -> str:
+        return f"acts_{index:05d}.bin"
+
     def path(self, index: int) -> Path:
-        return self.folder / f"acts_{index:05d}.bin"
+        return self.folder / self.name(index)
 
     def _mapped(self, path: Path, shared: bool) -> torch.Tensor:
+        # shared=False maps read-only and fails on a missing file (shared=True would create it).
         return torch.from_file(str(path), shared=shared, size=self.numel, dtype=self.dtype).view(self.shape)
-
-    def _new_file(self, path: Path) -> torch.Tensor:
-        with open(path, "wb") as f:
-            f.truncate(self.numel * self.dtype.itemsize)
-        return self._mapped(path, shared=True)
 
     def create(self, index: int) -> torch.Tensor:
         """An empty buffer to be filled, then commit(index)."""
         if self.on_disk:
-            self._output = self._new_file(self._tmp(index))
+            self._output = self._mapped(durable.reserve_tmp(self.path(index), self.nbytes), shared=True)
         else:
             self._output = torch.empty(self.shape, dtype=self.dtype)
         return self._output
 
     def open(self, index: int) -> torch.Tensor:
-        """The committed activations feeding block `index`."""
-        self.index = index
+        """The committed activations feeding block `index` (checked by the run state beforehand)."""
+        path = self.path(index)
         if self.on_disk:
-            self.tensor = self._mapped(self.path(index), shared=True)
+            self.tensor = self._mapped(path, shared=False)
         else:
             self.tensor = torch.empty(self.shape, dtype=self.dtype)
-            with open(self.path(index), "rb") as f:
-                f.readinto(memoryview(self.tensor.reshape(-1).view(torch.uint8).numpy()))
+            with open(path, "rb") as f:
+                f.readinto(self._bytes(self.tensor))
         return self.tensor
 
     def output_buffer(self, index: int) -> torch.Tensor:
@@ -59,19 +66,16 @@ class ActivationStore:
         self._output = self.tensor
         return self._output
 
-    def commit(self, index: int) -> None:
-        """Make the output buffer the durable input of block `index`, then drop the previous file."""
-        tmp = self._tmp(index)
-        if not self.on_disk:
-            with open(tmp, "wb") as f:
-                self._output.reshape(-1).view(torch.uint8).numpy().tofile(f)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(index))
-        previous = self.index
-        self.tensor, self.index, self._output = self._output, index, None
-        if previous is not None and previous != index:
-            self.path(previous).unlink(missing_ok=True)
+    def commit(self, index: int) -> durable.FileRecord:
+        """Make the output buffer the durable input of block `index`; it becomes `tensor`."""
+        path = self.path(index)
+        if self.on_disk:
+            record = durable.write_file(path, lambda tmp: None)  # already filled through the mapping
+        else:
+            record = durable.write_bytes(path, self._bytes(self._output))
+        self.tensor, self._output = self._output, None
+        return record
 
-    def _tmp(self, index: int) -> Path:
-        return self.path(index).with_suffix(".bin.tmp")
+    @staticmethod
+    def _bytes(tensor: torch.Tensor) -> memoryview:
+        return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

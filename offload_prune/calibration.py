@@ -11,6 +11,9 @@ import torch
 from .config import OffloadPruneError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+C4_EVAL_DOCUMENTS = 1100
+C4_MAX_DRAWS = 1000
 
 
 def load_text(spec: str, split: str = "train") -> str:
@@ -40,6 +43,18 @@ def load_text(spec: str, split: str = "train") -> str:
 
 
 def _named_dataset(name: str, split: str) -> str:
+    """WikiText-2 joined as the reference scripts join it. C4's evaluation text is the first 1100
+    validation documents joined with spaces (theirs, too); C4 calibration never comes through here:
+    `calibration_windows` samples its documents one by one."""
+    if name == "wikitext2":
+        rows = dataset_rows("wikitext2", split)
+        return "\n\n".join(rows[i] for i in range(len(rows)))
+    rows = dataset_rows("c4", "validation")
+    return " ".join(rows[i] for i in range(min(C4_EVAL_DOCUMENTS, len(rows))))
+
+
+def dataset_rows(name: str, split: str):
+    """The `text` column of a named dataset, read one row at a time (never materialised whole)."""
     try:
         from datasets import load_dataset
     except ImportError:
@@ -47,15 +62,49 @@ def _named_dataset(name: str, split: str) -> str:
                                 "copy of the data; or pass a local text / jsonl file") from None
     try:
         if name == "wikitext2":
-            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-            return "\n\n".join(rows)
-        files = {"train": "en/c4-train.00000-of-01024.json.gz",
-                 "validation": "en/c4-validation.00000-of-00008.json.gz"}
-        rows = load_dataset("allenai/c4", data_files={split: files[split]}, split=split)["text"]
-        return "\n\n".join(rows)
+            table = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        else:
+            split = "train" if split == "train" else "validation"
+            table = load_dataset("allenai/c4", data_files={split: C4_FILES[split]}, split=split)
     except Exception as exc:
         raise OffloadPruneError(f"could not load {name} through `datasets` "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    return _TextColumn(table)
+
+
+class _TextColumn:
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> str:
+        return self.table[index]["text"]
+
+
+def calibration_windows(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, int]:
+    """(windows, characters of text tokenized at once). C4 as the SparseGPT/Wanda loaders draw it:
+    a random document long enough, then a random window in it, per sample; only those documents
+    are tokenized (tokenizing the whole shard would take ~200 M tokens and tens of GB)."""
+    if spec != "c4":
+        text = load_text(spec)
+        return sample_windows(tokenize(tokenizer, text), nsamples, seqlen, seed), len(text)
+    rows = dataset_rows("c4", "train")
+    rng = random.Random(seed)
+    windows, longest = [], 0
+    for _ in range(nsamples):
+        for _ in range(C4_MAX_DRAWS):
+            document = rows[rng.randint(0, len(rows) - 1)]
+            ids = tokenize(tokenizer, document)
+            longest = max(longest, len(document))
+            if ids.numel() > seqlen:
+                break
+        else:
+            raise OffloadPruneError(f"c4: no document longer than --seqlen {seqlen} tokens in {C4_MAX_DRAWS} draws")
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start:start + seqlen])
+    return torch.stack(windows), longest
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

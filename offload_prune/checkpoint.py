@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, PretrainedConfig
 
+from . import durable
 from .config import OffloadPruneError
+from .durable import FileRecord
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -115,8 +115,9 @@ class CheckpointReader:
         return out
 
     def identity(self) -> dict:
-        """What identifies this checkpoint for resuming, cheap enough for 140 GB: the config and every
-        shard's safetensors header (names, dtypes, shapes, offsets) and size."""
+        """What identifies this checkpoint for resuming, by content and cheap enough for 140 GB: the
+        config and every shard's safetensors header (names, dtypes, shapes, offsets) and size. The
+        folder's path is not part of it: a moved or copied checkpoint is the same checkpoint."""
         digest = hashlib.sha256((self.folder / "config.json").read_bytes())
         for shard in self.shard_files():
             path = self.folder / shard
@@ -124,7 +125,7 @@ class CheckpointReader:
                 header_len = int.from_bytes(f.read(8), "little")
                 digest.update(shard.encode() + f.read(header_len))
             digest.update(str(path.stat().st_size).encode())
-        return {"folder": str(self.folder), "sha256_of_headers": digest.hexdigest()}
+        return {"sha256_of_headers": digest.hexdigest()}
 
 
 def _by_shard(weight_map: dict[str, str]) -> dict[str, list[str]]:
@@ -159,22 +160,28 @@ class ShardLayout:
                 number += 1
                 names.append(f"model-{number:05d}-of-{total:05d}.safetensors")
             self.file_names.append(names)
+        self.nbytes = nbytes
         self.total_size = sum(nbytes[name] for unit in units for name in unit)
 
     def weight_map(self) -> dict[str, str]:
         return {name: file for shards, files in zip(self.unit_shards, self.file_names)
                 for shard, file in zip(shards, files) for name in shard}
 
-    def write_unit(self, unit: int, folder: Path, tensors: dict[str, torch.Tensor],
-                   after_each_file=None) -> None:
+    def write_unit(self, unit: int, folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, FileRecord]:
+        """Write one unit's shards under their final names; returns what the manifest records."""
+        records = {}
         for shard, file in zip(self.unit_shards[unit], self.file_names[unit]):
-            atomic_save_file({name: tensors[name].contiguous() for name in shard}, folder / file)
-            if after_each_file:
-                after_each_file()
+            contents = {name: tensors[name].contiguous() for name in shard}
+            records[file] = durable.write_file(folder / file,
+                                               lambda tmp: save_file(contents, tmp, metadata={"format": "pt"}))
+        return records
 
-    def write_index(self, folder: Path) -> None:
+    def largest_shard_bytes(self) -> int:
+        return max(sum(self.nbytes[name] for name in shard) for shards in self.unit_shards for shard in shards)
+
+    def index_text(self) -> str:
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map().items()))}
-        atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+        return json.dumps(index, indent=2) + "\n"
 
 
 def _pack(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
@@ -189,31 +196,7 @@ def _pack(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str
     return [shard for shard in shards if shard]
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    _fsync_and_replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync_and_replace(tmp, path)
-
-
-def _fsync_and_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def copy_side_files(src: Path, dst: Path) -> list[str]:
+def side_files(src: Path) -> list[Path]:
     """Config, generation config, tokenizer and the like; never weights or a stale index."""
-    copied = []
-    for pattern in SIDE_FILE_PATTERNS:
-        for path in sorted(src.glob(pattern)):
-            if path.name in (INDEX_NAME, "report.json") or not path.is_file():
-                continue
-            shutil.copyfile(path, dst / path.name)
-            copied.append(path.name)
-    return copied
+    return [path for pattern in SIDE_FILE_PATTERNS for path in sorted(src.glob(pattern))
+            if path.is_file() and path.name not in (INDEX_NAME, "report.json")]

@@ -106,10 +106,27 @@ def run_plan(argv: list[str]) -> int:
     args = vars(plan_parser().parse_args(argv))
     config = PruneConfig(**args).validate()
     device_type = "cpu" if config.device == "cpu" else ("cuda" if config.device != "auto" else _auto_device())
-    plan = memory_plan(config, load_config_only(config.model), device_type)
+    text_size, eval_windows = _text_sizes(config)
+    plan = memory_plan(config, load_config_only(config.model), device_type, text_size, eval_windows)
     print(format_plan(plan, config.model))
     check_budget(plan, config)
     return 0
+
+
+def _text_sizes(config: PruneConfig) -> tuple[int, int]:
+    """Characters of calibration text (a local file; a named dataset is not read here) and evaluation
+    windows (counted with the model's tokenizer when the model is a local folder)."""
+    calibration = Path(config.calib_data).expanduser()
+    text_size = calibration.stat().st_size if calibration.is_file() else 0
+    windows = 0
+    if config.eval_ppl and Path(config.model).expanduser().is_dir():
+        from .evaluate import evaluation_windows
+        from .pipeline import load_tokenizer
+        windows = len(evaluation_windows(config.eval_data, load_tokenizer(Path(config.model).expanduser()),
+                                         config.seqlen, config.eval_max_windows))
+    elif config.eval_ppl:
+        windows = config.eval_max_windows or 0
+    return text_size, windows
 
 
 def _auto_device() -> str:
@@ -126,7 +143,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def run_eval(argv: list[str]) -> int:
     from .checkpoint import CheckpointReader
-    from .evaluate import evaluate_text
+    from .evaluate import evaluation_windows, perplexity
     from .pipeline import load_tokenizer, pick_device, pick_dtype
 
     args = eval_parser().parse_args(argv)
@@ -135,9 +152,9 @@ def run_eval(argv: list[str]) -> int:
     reader = CheckpointReader(args.model)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, reader)
-    result = evaluate_text(reader, args.eval_data, args.seqlen, args.eval_max_windows, device, dtype,
-                           load_tokenizer(reader.folder), micro_batch_size=args.micro_batch_size,
-                           on_disk=args.offload_activations == "disk", quiet=args.quiet)
+    windows = evaluation_windows(args.eval_data, load_tokenizer(reader.folder), args.seqlen, args.eval_max_windows)
+    result = perplexity(reader, windows, device, dtype, micro_batch_size=args.micro_batch_size,
+                        on_disk=args.offload_activations == "disk", quiet=args.quiet)
     print(json.dumps({"model": str(reader.folder), **result}))
     return 0
 

@@ -1,7 +1,6 @@
 """One dataclass for every option of a run, validated once before any weight is read."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +81,10 @@ class PruneConfig:
             raise OffloadPruneError(f"--nr-q-active must be in [0, 1), got {self.nr_q_active}")
         if self.nr_tfidf_k < 1 or (self.pruning_last is not None and self.pruning_last < 1):
             raise OffloadPruneError("--nr-tfidf-k and --pruning_last must be >= 1")
+        if self.nm is not None and self.prune_method == "sparsegpt" and self.blocksize % self.nm[1]:
+            raise OffloadPruneError(f"--blocksize {self.blocksize} must be a multiple of M={self.nm[1]} for "
+                                    f"--sparsity_type {self.sparsity_type}: SparseGPT chooses each group of M "
+                                    "columns inside one column block")
         if self.percdamp < 0:
             raise OffloadPruneError(f"--percdamp must be >= 0, got {self.percdamp}")
         for name in ("nsamples", "seqlen", "micro_batch_size", "blocksize"):
@@ -101,11 +104,14 @@ class PruneConfig:
     def effective_sparsity(self) -> float:
         return self.nm[0] / self.nm[1] if self.nm else self.sparsity_ratio
 
-    def result_options(self) -> dict:
-        """The options that change the pruned weights: what a resumed run must share."""
-        skip = {"model", "save", "eval_ppl", "eval_data", "eval_max_windows", "resume",
-                "overwrite", "quiet", "offload_activations", "nm", "max_device_memory", "max_host_memory"}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+    def result_options(self, method_options: tuple[str, ...] = ()) -> dict:
+        """The options that change the pruned weights, as the method reads them: what a resumed run
+        must share. Paths, device and dtype spellings are identified elsewhere, by what they resolve to."""
+        names = ["prune_method", "sparsity_type", "nsamples", "seqlen", "seed", "micro_batch_size",
+                 "nr_include_attention", "pruning_last", "nr_prune_lm_head", *method_options]
+        if self.nm is None:  # N:M fixes the ratio itself
+            names.insert(1, "sparsity_ratio")
+        return {name: getattr(self, name) for name in names}
 
 
 def parse_bytes(text: str) -> int:

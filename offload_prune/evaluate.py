@@ -17,16 +17,16 @@ from .activations import ActivationStore
 from .calibration import eval_windows, load_text, tokenize
 from .checkpoint import CheckpointReader
 from .hostmem import keep_large_allocations_mmapped
+from .plan import logits_chunk_positions
 from .skeleton import StreamedModel, run_windows
 
 
 @torch.no_grad()
-def perplexity(reader: CheckpointReader, token_ids: torch.Tensor, seqlen: int, max_windows: int | None,
-               device: torch.device, dtype: torch.dtype, micro_batch_size: int = 1,
-               on_disk: bool = False, quiet: bool = False, label: str = "eval") -> dict:
+def perplexity(reader: CheckpointReader, windows: torch.Tensor, device: torch.device, dtype: torch.dtype,
+               micro_batch_size: int = 1, on_disk: bool = False, quiet: bool = False, label: str = "eval") -> dict:
     keep_large_allocations_mmapped()
     start = time.perf_counter()
-    windows = eval_windows(token_ids, seqlen, max_windows)
+    seqlen = windows.shape[1]
     streamed = StreamedModel(reader, device, dtype)
     with tempfile.TemporaryDirectory(prefix="offload-prune-eval-") as tmp:
         store = ActivationStore(Path(tmp), (len(windows), seqlen, reader.config.hidden_size), dtype, on_disk)
@@ -39,17 +39,15 @@ def perplexity(reader: CheckpointReader, token_ids: torch.Tensor, seqlen: int, m
             run_windows(block, layer_kwargs[index], hidden, hidden, micro_batch_size, device)
             streamed.unload_block(index)
         streamed.load_outside(with_head=True)
+        chunk = logits_chunk_positions(reader.config.vocab_size)
         nlls = []
         for i in tqdm(range(len(windows)), desc=f"{label}: logits", disable=quiet, leave=False):
-            logits = streamed.logits(hidden[i:i + 1], windows[i:i + 1]).float()
-            targets = windows[i:i + 1, 1:].to(logits.device)
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], targets[0])
-            nlls.append(loss.item() * seqlen)
+            mean_nll = streamed.next_token_nll(hidden[i:i + 1], windows[i:i + 1], chunk) / (seqlen - 1)
+            nlls.append(mean_nll * seqlen)  # as the reference scripts weigh each window
     return {"ppl": math.exp(sum(nlls) / (len(windows) * seqlen)), "windows": len(windows),
             "seqlen": seqlen, "seconds": time.perf_counter() - start}
 
 
-def evaluate_text(reader: CheckpointReader, eval_data: str, seqlen: int, max_windows: int | None,
-                  device: torch.device, dtype: torch.dtype, tokenizer, **options) -> dict:
-    token_ids = tokenize(tokenizer, load_text(eval_data, split="test"))
-    return perplexity(reader, token_ids, seqlen, max_windows, device, dtype, **options)
+def evaluation_windows(eval_data: str, tokenizer, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """The evaluation text (its test or validation split for a named dataset), tokenized once."""
+    return eval_windows(tokenize(tokenizer, load_text(eval_data, split="test")), seqlen, max_windows)

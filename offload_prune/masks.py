@@ -1,13 +1,28 @@
-"""Turning importance scores into pruning masks (True = prune), with exact counts.
+"""Zeroing the weights with the lowest importance scores, with exact counts and bounded memory.
 
 Ties are broken by position (earlier index pruned first), so the result does not depend on
 how a sort or selection routine happens to order equal scores: quantized checkpoints have many.
+
+Scores are computed and applied a chunk of rows at a time (about CHUNK_ELEMENTS scores), so no
+temporary is the size of the matrix: that matters for a 128k-vocabulary head or a 28672-wide MLP.
+One threshold over a whole matrix is found exactly without sorting it: for non-negative float32
+scores the bit pattern, read as an int32, orders like the value, so two 16-bit histogram passes
+locate the k-th smallest key (a radix select), and a third pass zeroes what lies below it.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from .config import OffloadPruneError
+
+#: Scores per chunk. Workspace per chunk is about WORKSPACE_BYTES_PER_SCORE times this.
+CHUNK_ELEMENTS = 1 << 22
+#: float32 scores, one float32 temporary, int64 bincount / cumsum input, bool masks.
+WORKSPACE_BYTES_PER_SCORE = 4 + 4 + 8 + 2
+
+ScoreRows = Callable[[slice], torch.Tensor]
 
 
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -21,23 +36,80 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return below | (tied & (tied.cumsum(dim=-1) <= still_needed))
 
 
-def prune_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
-               per_row: bool) -> torch.Tensor:
-    """Mask for a [out, in] score matrix.
+def row_chunks(rows: int, cols: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
-    N:M prunes the N lowest of every M consecutive inputs of each row. Unstructured prunes
+
+def chunk_workspace_bytes(numel: int) -> int:
+    """Bytes the mask step allocates beyond the weight itself, for a matrix of `numel` weights."""
+    return min(numel, CHUNK_ELEMENTS) * WORKSPACE_BYTES_PER_SCORE
+
+
+@torch.no_grad()
+def zero_lowest(weight: torch.Tensor, score_rows: ScoreRows, sparsity: float, nm: tuple[int, int] | None,
+                per_row: bool) -> None:
+    """Zero, in place, the lowest-scored weights of a [out, in] matrix; `score_rows(rows)` gives the
+    float32 scores of a slice of rows (computed on demand, possibly on another device).
+
+    N:M zeroes the N lowest of every M consecutive inputs of each row. Unstructured zeroes
     int(sparsity * width) per row when `per_row` (Wanda's comparison group), else
-    int(sparsity * numel) over the whole matrix (one threshold, as magnitude pruning).
-    """
-    rows, cols = scores.shape
-    if nm is not None:
-        n, m = nm
-        if cols % m:
-            raise OffloadPruneError(f"{n}:{m} sparsity needs the input width ({cols}) to be a multiple of {m}")
-        return lowest_k(scores.reshape(rows, cols // m, m), n).reshape(rows, cols)
-    if per_row:
-        return lowest_k(scores, int(cols * sparsity))
-    return lowest_k(scores.reshape(1, -1), int(scores.numel() * sparsity)).reshape(rows, cols)
+    int(sparsity * numel) over the whole matrix (one threshold, as magnitude pruning)."""
+    rows, cols = weight.shape
+    chunks = row_chunks(rows, cols)
+    if nm is not None and cols % nm[1]:
+        raise OffloadPruneError(f"{nm[0]}:{nm[1]} sparsity needs the input width ({cols}) to be a multiple of {nm[1]}")
+    if nm is not None or per_row:
+        for chunk in chunks:
+            scores = score_rows(chunk)
+            if nm is not None:
+                n, m = nm
+                mask = lowest_k(scores.reshape(-1, cols // m, m), n).reshape(scores.shape)
+            else:
+                mask = lowest_k(scores, int(cols * sparsity))
+            weight[chunk].masked_fill_(mask.to(weight.device), 0)
+        return
+    k = int(weight.numel() * sparsity)
+    if k <= 0:
+        return
+    threshold, ties = _kth_smallest_key(score_rows, chunks, k)
+    for chunk in chunks:
+        keys = _keys(score_rows(chunk))
+        mask = keys < threshold
+        if ties > 0:
+            tied = keys == threshold
+            tied_count = int(tied.sum())
+            if tied_count:
+                take = tied.flatten().cumsum(0).reshape(tied.shape) <= ties
+                mask |= tied & take
+                ties -= min(tied_count, ties)
+        weight[chunk].masked_fill_(mask.to(weight.device), 0)
+
+
+def _keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered as the (non-negative) float32 scores; a negative zero counts as zero."""
+    return scores.float().view(torch.int32).clamp_(min=0)
+
+
+def _kth_smallest_key(score_rows: ScoreRows, chunks: list[slice], k: int) -> tuple[int, int]:
+    """(key of the k-th smallest score, how many scores equal to it are among the k smallest)."""
+    high = torch.zeros(1 << 15, dtype=torch.int64)  # keys are < 2^31: 15 high bits
+    for chunk in chunks:
+        high += torch.bincount((_keys(score_rows(chunk)) >> 16).flatten(), minlength=1 << 15).cpu()
+    bucket, before = _bucket_of(high, k)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for chunk in chunks:
+        keys = _keys(score_rows(chunk))
+        low += torch.bincount((keys[(keys >> 16) == bucket] & 0xFFFF).flatten(), minlength=1 << 16).cpu()
+    offset, before_in_bucket = _bucket_of(low, k - before)
+    return (bucket << 16) | offset, k - before - before_in_bucket
+
+
+def _bucket_of(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th smallest item, and how many items lie in the buckets before it."""
+    cumulative = histogram.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, torch.tensor([k]), right=False)[0])
+    return bucket, int(cumulative[bucket - 1]) if bucket > 0 else 0
 
 
 def nm_valid(weight: torch.Tensor, nm: tuple[int, int]) -> bool:

@@ -10,38 +10,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import sys
 from dataclasses import dataclass
 
 import torch
+import transformers
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from . import __version__
+from . import __version__, durable
 from .activations import ActivationStore
-from .calibration import load_text, sample_windows, tokenize
-from .checkpoint import CheckpointReader, ShardLayout, copy_side_files
+from .calibration import calibration_windows
+from .checkpoint import INDEX_NAME, CheckpointReader, ShardLayout, side_files
 from .config import OffloadPruneError, PruneConfig
-from .evaluate import evaluate_text
+from .diskspace import check_disk_space, disk_full_message
+from .durable import DiskFullError
+from .evaluate import evaluation_windows, perplexity
 from .hostmem import keep_large_allocations_mmapped
 from .methods import PruningMethod, build_method
-from .masks import prune_mask
+from .masks import zero_lowest
 from .plan import check_budget, memory_plan
-from .report import (PhaseTimer, format_summary, module_stats, peak_device_bytes,
-                     peak_host_rss_bytes, totals, write_report)
+from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import RunState
 from .selection import selected_linears
 from .skeleton import StreamedModel, run_windows
 
-
-def kill_point(name: str) -> None:
-    """Fault injection for the resume tests: OFFLOAD_PRUNE_KILL_AT=<name> sends the process
-    SIGKILL (or OFFLOAD_PRUNE_KILL_SIGNAL, e.g. INT for a Ctrl-C) at this point."""
-    if os.environ.get("OFFLOAD_PRUNE_KILL_AT") == name:
-        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("OFFLOAD_PRUNE_KILL_SIGNAL", "KILL")))
+LAYER_KWARGS = "layer_kwargs.pt"
+REPORT_NAME = "report.json"
 
 
 def pick_device(requested: str) -> torch.device:
@@ -68,6 +65,13 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
 
 
+def check_positions(streamed: StreamedModel, seqlen: int) -> None:
+    limit = streamed.max_positions()
+    if limit is not None and seqlen > limit:
+        raise OffloadPruneError(f"--seqlen {seqlen} is more than the {limit} positions "
+                                f"{type(streamed.model).__name__} has learned position embeddings for")
+
+
 def load_tokenizer(folder):
     try:
         return AutoTokenizer.from_pretrained(folder)
@@ -87,7 +91,7 @@ class Run:
     layout: ShardLayout
     store: ActivationStore
     head: "LmHead | None"
-    timer: PhaseTimer
+    timer: PhaseMeter
 
 
 def prune(config: PruneConfig) -> dict:
@@ -95,67 +99,106 @@ def prune(config: PruneConfig) -> dict:
     if config.save is None:
         raise OffloadPruneError("--save is required: the folder the pruned model is written to")
     keep_large_allocations_mmapped()
-    timer = PhaseTimer()
     reader = CheckpointReader(config.model)  # config and shard headers only
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device, reader)
-    plan = memory_plan(config, reader.config, device.type)
-    check_budget(plan, config)
+    timer = PhaseMeter(device)
     streamed = StreamedModel(reader, device, dtype)
+    check_positions(streamed, config.seqlen)
     tokenizer = load_tokenizer(reader.folder)
     with timer("calibration"):
-        windows = sample_windows(tokenize(tokenizer, load_text(config.calib_data)),
-                                 config.nsamples, config.seqlen, config.seed)
+        windows, text_size = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen,
+                                                 config.seed)
+        evaluation = (evaluation_windows(config.eval_data, tokenizer, config.seqlen, config.eval_max_windows)
+                      if config.eval_ppl else None)
+    plan = memory_plan(config, reader.config, device.type, text_size, len(evaluation) if config.eval_ppl else 0,
+                       process_bytes=current_host_rss_bytes())
+    check_budget(plan, config)  # still before any weight is read
+    method = build_method(config)
     fingerprint = {
         "checkpoint": reader.identity(),
         "calibration_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-        "options": config.result_options(),
+        "options": config.result_options(method.options),
         "device": device.type,
-        "versions": {"offload_prune": __version__, "torch": torch.__version__},
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": {"offload_prune": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
     }
-    state = RunState.prepare(config.save, reader.folder, fingerprint, config.overwrite, config.resume)
-    resuming = state.completed_blocks > 0 or state.manifest["captured"]
-    if resuming and not config.quiet:
-        print(f"resuming {state.save}: {state.completed_blocks} of {streamed.num_layers} blocks already done",
-              file=sys.stderr)
     head = LmHead(streamed) if config.nr_prune_lm_head else None
-    store = ActivationStore(state.dir, (len(windows), config.seqlen, reader.config.hidden_size), dtype,
-                            on_disk=config.offload_activations == "disk")
-    run = Run(config, reader, device, streamed, build_method(config), state, _output_layout(streamed, head),
-              store, head, timer)
+    layout = _output_layout(streamed, head)
+    activation_shape = (len(windows), config.seqlen, reader.config.hidden_size)
+    activation_bytes = len(windows) * config.seqlen * reader.config.hidden_size * dtype.itemsize
+    check_disk_space(config.save, layout, activation_bytes)
+    state = RunState.prepare(config.save, reader.folder, fingerprint, streamed.num_layers, config.overwrite,
+                             config.resume)
+    try:
+        if state.manifest["finished"]:
+            return _already_finished(state, config)
+        store = ActivationStore(state.dir, activation_shape, dtype, on_disk=config.offload_activations == "disk")
+        run = Run(config, reader, device, streamed, method, state, layout, store, head, timer)
+        resumed = state.started
+        try:
+            _prune_and_write(run, windows)
+        except DiskFullError as exc:
+            raise OffloadPruneError(disk_full_message(exc, state.save, layout, activation_bytes)) from None
+        return _evaluate_and_report(run, evaluation, plan, dtype, resumed)
+    finally:
+        state.release()
 
-    if not state.manifest["captured"]:
+
+def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
+    state, timer, quiet = run.state, run.timer, run.config.quiet
+    if state.started and not quiet:
+        print(f"resuming {state.save}: {state.completed_blocks} of {run.streamed.num_layers} blocks already done",
+              file=sys.stderr)
+    if not state.started:
         with timer("capture"):
             _capture(run, windows)
-    layer_kwargs = state.load_layer_kwargs()
-    inputs = store.open(state.completed_blocks)
-    with timer("prune"):
-        for index in tqdm(range(state.completed_blocks, streamed.num_layers), desc="blocks", disable=config.quiet,
-                          initial=state.completed_blocks, total=streamed.num_layers):
-            inputs = _prune_block(run, index, layer_kwargs[index], inputs)
-    with timer("write"):
-        _write_outside_and_finish(run)
+    num_layers = run.streamed.num_layers
+    if state.completed_blocks < num_layers:
+        layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
+        inputs = run.store.open(state.completed_blocks)
+        with timer("prune"):
+            for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks", disable=quiet,
+                              initial=state.completed_blocks, total=num_layers):
+                inputs = _prune_block(run, index, layer_kwargs[index], inputs)
+    if not state.manifest["finalized"]:
+        with timer("write"):
+            _write_outside(run)
 
+
+def _already_finished(state: RunState, config: PruneConfig) -> dict:
+    if not config.quiet:
+        print(f"offload-prune: {state.save} already holds the finished output of this job "
+              f"({state.num_layers} blocks); nothing to do", file=sys.stderr)
+    return json.loads((state.save / REPORT_NAME).read_text())
+
+
+def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, dtype: torch.dtype,
+                         resumed: bool) -> dict:
+    config, state, timer, device = run.config, run.state, run.timer, run.device
     report = {
-        "save": str(state.save), "model": str(reader.folder), "method": config.prune_method,
+        "save": str(state.save), "model": str(run.reader.folder), "method": config.prune_method,
         "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
-        "options": config.result_options(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "resumed": resuming, "memory_plan": plan, "modules": state.modules, "totals": totals(state.modules),
+        "options": config.result_options(run.method.options), "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "resumed": resumed,
+        "memory_plan": plan, "modules": state.modules, "totals": totals(state.modules),
         "nm_valid": all(m["nm_valid"] for m in state.modules.values()) if config.nm else None,
     }
-    if config.eval_ppl:
+    if evaluation is not None:
         options = dict(micro_batch_size=config.micro_batch_size,
                        on_disk=config.offload_activations == "disk", quiet=config.quiet)
         report["perplexity"] = {}
-        for which, folder in (("dense", reader.folder), ("pruned", state.save)):
+        for which, folder in (("dense", run.reader.folder), ("pruned", state.save)):
             with timer(f"eval_{which}"):
-                report["perplexity"][which] = evaluate_text(
-                    CheckpointReader(str(folder)), config.eval_data, config.seqlen, config.eval_max_windows,
-                    device, dtype, tokenizer, label=f"eval {which}", **options)
+                report["perplexity"][which] = perplexity(CheckpointReader(str(folder)), evaluation, device, dtype,
+                                                         label=f"eval {which}", **options)
     report["seconds"] = timer.seconds
-    report["peak_host_rss_bytes"] = peak_host_rss_bytes()
-    report["peak_device_bytes"] = peak_device_bytes(device)
-    write_report(state.save, report)
+    report["phase_peaks"] = timer.peaks
+    report["peak_host_rss_bytes"] = timer.overall("host")
+    report["peak_device_bytes"] = timer.overall("device_reserved")
+    record = durable.write_text(state.save / REPORT_NAME, json.dumps(report, indent=1, default=str) + "\n")
+    state.commit(outputs={REPORT_NAME: record}, stage=run.streamed.num_layers + 1, finished=True)
     if not config.quiet:
         print(format_summary(report))
     return report
@@ -173,22 +216,23 @@ def _output_layout(streamed: StreamedModel, head: "LmHead | None") -> ShardLayou
 
 
 def _capture(run: Run, windows: torch.Tensor) -> None:
-    """Layer-0 inputs of every calibration window and each layer's keyword arguments, made durable."""
+    """Layer-0 inputs of every calibration window and each layer's keyword arguments, made durable.
+    The keyword arguments are kept on the CPU, so a resume may compute on another device."""
     run.streamed.load_outside(with_head=False)
     layer0_inputs = run.store.create(0)
     layer_kwargs = run.streamed.capture_into(windows, layer0_inputs, run.config.quiet, "calibration: embed")
     run.streamed.unload_outside()
-    run.state.save_layer_kwargs(layer_kwargs)
-    run.store.commit(0)
-    run.state.commit(captured=True)
+    on_cpu = send_to_device(layer_kwargs, "cpu")
+    kwargs_record = durable.write_file(run.state.dir / LAYER_KWARGS, lambda tmp: torch.save(on_cpu, tmp))
+    acts_record = run.store.commit(0)
+    run.state.commit(run_files={LAYER_KWARGS: kwargs_record, run.store.name(0): acts_record}, captured=True)
 
 
 def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor) -> torch.Tensor:
     """Load, collect, prune, propagate, write and commit block `index`; returns the next block's inputs."""
-    config, method, device = run.config, run.method, run.device
+    config, method, device, state = run.config, run.method, run.device, run.state
     block = run.streamed.load_block(index)
     linears = selected_linears(find_linears(block), index, run.streamed.num_layers, config)
-    kill_point(f"block-start:{index}")
     method_info: dict[str, dict] = {}
     for group in (method.groups(linears) if linears else []):
         members = {n: linears[n] for n in group}
@@ -196,35 +240,39 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
             method.start_pass(calibration_pass)
             _collect(method, block, members, layer_kwargs, inputs, config, device)
         method_info.update(method.prune(members))
-    kill_point(f"block-pruned:{index}")
-    outputs = run.store.output_buffer(index + 1)
-    run_windows(block, layer_kwargs, inputs, outputs, config.micro_batch_size, device)
+    last = index + 1 == run.streamed.num_layers
+    if not last:  # the last block's outputs feed nothing
+        run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device)
     tensors = run.streamed.block_tensors(index)
     prefix = f"{run.streamed.layers_path}.{index}."
     modules = {prefix + name: {**module_stats(tensors[prefix + name + ".weight"], config.nm),
                                "rule": method.rule(name), **method_info.get(name, {})} for name in linears}
-    run.layout.write_unit(1 + index, run.state.save, tensors, after_each_file=lambda: kill_point(f"writing:{index}"))
-    run.store.commit(index + 1)
-    run.state.commit(completed_blocks=index + 1, modules={**run.state.modules, **modules})
+    outputs = run.layout.write_unit(1 + index, state.save, tensors)
+    run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
+    if not last:
+        run_files[run.store.name(index + 1)] = run.store.commit(index + 1)
+    state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
+                 modules={**state.modules, **modules})
     run.streamed.unload_block(index)
-    kill_point(f"block-done:{index}")
     return run.store.tensor
 
 
-def _write_outside_and_finish(run: Run) -> None:
+def _write_outside(run: Run) -> None:
     """Tensors outside the blocks (copied, or the pruned head), index, config/tokenizer files."""
-    reader, head, save = run.reader, run.head, run.state.save
+    reader, head, state = run.reader, run.head, run.state
     outside = reader.read(run.streamed.outside_names)
+    modules = dict(state.modules)
     if head:
         outside[head.name] = head.prune(reader.read([head.source])[head.source], run.config, run.device)
-        run.state.modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude"}
-    run.layout.write_unit(0, save, outside)
-    kill_point("finalize")
-    run.layout.write_index(save)
-    copy_side_files(reader.folder, save)
-    if head and head.name != head.source:
-        untie_word_embeddings(save / "config.json")
-    run.state.finish()
+        modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude"}
+    outputs = run.layout.write_unit(0, state.save, outside)
+    outputs[INDEX_NAME] = durable.write_text(state.save / INDEX_NAME, run.layout.index_text())
+    for path in side_files(reader.folder):
+        if path.name == "config.json" and head and head.name != head.source:
+            outputs[path.name] = durable.write_text(state.save / path.name, untied_config_text(path))
+        else:
+            outputs[path.name] = durable.copy_file(path, state.save / path.name)
+    state.commit(outputs=outputs, stage=run.streamed.num_layers, run_files={}, finalized=True, modules=modules)
 
 
 class LmHead:
@@ -240,15 +288,16 @@ class LmHead:
 
     @torch.no_grad()
     def prune(self, weight: torch.Tensor, config: PruneConfig, device: torch.device) -> torch.Tensor:
-        scores = weight.to(device, torch.float32).abs()
-        mask = prune_mask(scores, config.sparsity_ratio, config.nm, per_row=False)
-        return weight.masked_fill(mask.cpu(), 0)
+        """In place on the stored (CPU) tensor; scores made on the compute device a chunk at a time."""
+        zero_lowest(weight, lambda rows: weight[rows].to(device, torch.float32).abs(), config.sparsity_ratio,
+                    config.nm, per_row=False)
+        return weight
 
 
-def untie_word_embeddings(config_path) -> None:
+def untied_config_text(config_path) -> str:
     config = json.loads(config_path.read_text())
     config["tie_word_embeddings"] = False
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return json.dumps(config, indent=2) + "\n"
 
 
 def _collect(method, block: nn.Module, linears: dict[str, nn.Linear], kwargs: dict, inputs: torch.Tensor,

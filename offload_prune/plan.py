@@ -1,11 +1,20 @@
-"""The memory a run will need, from config.json alone, before any weight is read.
+"""The memory a run will need, phase by phase, before any weight is read.
 
-Compute device: one block's weights in the compute dtype, the method's statistics and peak prune
-workspace (the method says), and one micro-batch of block activations.
-Host: the Python process itself and the activation cache (RAM mode), plus the largest of the
-phases that follow one another: capturing layer-0 inputs (the embedding), loading a block (its
-stored tensors), pruning it, writing it (stored tensors and their serialised copy). When the
-compute device is the CPU, whatever the device part holds in a phase is host memory too.
+Inputs: config.json (shapes and dtypes, through the meta-device skeleton), the options, the size of
+the calibration text and the number of evaluation windows. Every phase the run goes through has
+its own line, for the compute device and for the host, with the parts that make it up:
+
+- calibration: the text and its tokenization (measured: 138-228 bytes per byte of text);
+- capture:     the embedding (its stored tensor while it is converted), one window's hidden states;
+- prune:       one block in the compute dtype (its stored tensors while they load), the method's
+               statistics and prune workspace, one micro-batch of activations; then the block's
+               stored copy and its serialized shard while it is written;
+- write:       the tensors outside the blocks, their serialized shard, the head's prune workspace;
+- eval:        embedding, head, one block, one micro-batch, and the logits of one chunk of positions.
+
+The host always holds the process itself and, with `--offload-activations ram`, the activation
+cache. On the CPU the compute device is the host: device parts are host memory too. The test
+suite checks each phase against the peak a run measures (report.json, `phase_peaks`).
 """
 from __future__ import annotations
 
@@ -13,12 +22,19 @@ import torch
 from torch import nn
 
 from .config import OffloadPruneError, PruneConfig
+from .masks import chunk_workspace_bytes
 from .methods import build_method
 from .skeleton import build_skeleton
 
 #: RSS of the Python process with torch and transformers imported, measured on CPU (report.json of
-#: tiny runs: 0.37-0.40 GiB); rounded up.
+#: tiny runs: 0.37-0.40 GiB); rounded up. A run uses its own measured RSS instead.
 PROCESS_BASELINE_BYTES = int(0.5 * 2**30)
+#: Peak host bytes per byte of text while it is read and tokenized (measured with the SmolLM2 and
+#: stories260K tokenizers: 138-163 on WikiText-2, 228 on random base64 text).
+TOKENIZE_BYTES_PER_TEXT_BYTE = 220
+#: Logits are computed for this many (position x vocabulary) entries at a time.
+LOGITS_CHUNK_ELEMENTS = 1 << 22
+PHASES = ("calibration", "capture", "prune", "write", "eval")
 
 
 def stored_dtype(model_config) -> torch.dtype:
@@ -43,51 +59,80 @@ def micro_batch_bytes(config: PruneConfig, model_config, itemsize: int) -> int:
     return (tokens * (6 * hidden + 3 * intermediate) + scores) * itemsize
 
 
-def memory_plan(config: PruneConfig, model_config, device_type: str) -> dict:
+def logits_chunk_positions(vocab_size: int) -> int:
+    return max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
+
+
+def memory_plan(config: PruneConfig, model_config, device_type: str, calibration_text_bytes: int = 0,
+                eval_windows: int = 0, process_bytes: int = PROCESS_BASELINE_BYTES) -> dict:
     model, _, layers = build_skeleton(model_config)
     block = layers[0]
     compute = planned_compute_dtype(config, device_type, model_config)
     stored = stored_dtype(model_config)
+    on_cpu = device_type == "cpu"
+    in_ram = config.offload_activations == "ram"
     block_numel = sum(p.numel() for p in block.parameters())
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     method = build_method(config).memory_bytes(linears, compute)
-    activations = config.nsamples * config.seqlen * model_config.hidden_size * compute.itemsize
-    embedding_numel = model.get_input_embeddings().weight.numel()
+    hidden, vocab = model_config.hidden_size, model_config.vocab_size
+    cache = config.nsamples * config.seqlen * hidden * compute.itemsize
+    eval_cache = eval_windows * config.seqlen * hidden * compute.itemsize
+    embedding = model.get_input_embeddings().weight.numel()
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    head = output.weight.numel() if output is not None else 0
+    # Tensors outside the blocks (parameters() counts a tied head once); a pruned tied head is written apart.
+    outside = sum(p.numel() for p in model.parameters()) - block_numel * len(layers)
+    outside += head if tied and config.nr_prune_lm_head else 0
+    micro_batch = micro_batch_bytes(config, model_config, compute.itemsize)
+    window = config.seqlen * hidden * compute.itemsize
 
-    device = {
-        "block_weights": block_numel * compute.itemsize,
-        "method_peak": max(method["statistics"], method["prune"]),
-        "micro_batch": micro_batch_bytes(config, model_config, compute.itemsize),
+    # (device parts, host-only parts) per phase; the process and the activation caches come on top.
+    phases: dict[str, tuple[dict, dict]] = {
+        "calibration": ({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE}),
+        "capture": ({"embedding": embedding * compute.itemsize, "window": 4 * window},
+                    {"stored_embedding": embedding * stored.itemsize}),
+        "prune": ({"block_weights": block_numel * compute.itemsize,
+                   "method_peak": max(method["statistics"], method["prune"]), "micro_batch": micro_batch},
+                  {"stored_block_and_shard": 2 * block_numel * stored.itemsize}),
+        "write": ({"head_prune_chunk": chunk_workspace_bytes(head) if config.nr_prune_lm_head else 0},
+                  {"outside_tensors_and_shard": 2 * outside * stored.itemsize}),
+        "eval": ({"embedding_and_head": (embedding + (0 if tied else head)) * compute.itemsize,
+                  "block_weights": block_numel * compute.itemsize, "micro_batch": micro_batch,
+                  "logits_chunk": 3 * logits_chunk_positions(vocab) * vocab * 4},
+                 {"stored_block": block_numel * stored.itemsize}),
     }
-    device["peak"] = sum(device.values())
-    on_cpu = device_type == "cpu"
-    stored_block = block_numel * stored.itemsize
-    phases = {
-        "capture": embedding_numel * (compute.itemsize if on_cpu else stored.itemsize),
-        "load": stored_block + (device["block_weights"] if on_cpu else 0),
-        "prune": device["peak"] if on_cpu else 0,
-        "write": 2 * stored_block + (device["block_weights"] if on_cpu else 0),
-    }
-    largest = max(phases, key=phases.get)
-    host = {
-        "process": PROCESS_BASELINE_BYTES,
-        "activation_cache": activations if config.offload_activations == "ram" else 0,
-        f"{largest}_phase": phases[largest],
-    }
-    host["peak"] = sum(host.values())
+    device_plan, host_plan = {}, {}
+    for name, (device_parts, host_parts) in phases.items():
+        device_parts = {k: v for k, v in device_parts.items() if v}
+        caches = {"activation_cache": cache if in_ram and name in ("capture", "prune") else 0,
+                  "eval_cache": eval_cache if in_ram and name == "eval" else 0}
+        host_parts = {"process": process_bytes, **{k: v for k, v in caches.items() if v},
+                      **{k: v for k, v in host_parts.items() if v}, **(device_parts if on_cpu else {})}
+        device_plan[name] = {**device_parts, "peak": sum(device_parts.values())}
+        host_plan[name] = {**host_parts, "peak": sum(host_parts.values())}
+    if not eval_windows:
+        del device_plan["eval"], host_plan["eval"]
+    device_phase = max(device_plan, key=lambda p: device_plan[p]["peak"])
+    host_phase = max(host_plan, key=lambda p: host_plan[p]["peak"])
     return {"device_type": device_type, "compute_dtype": str(compute).replace("torch.", ""),
             "stored_dtype": str(stored).replace("torch.", ""), "num_layers": len(layers),
-            "method": dict(method), "host_phases": phases, "activation_cache_bytes": activations,
-            "device": device, "host": host}
+            "method": dict(method), "activation_cache_bytes": cache, "eval_windows": eval_windows,
+            "phases": {name: {"device": device_plan[name]["peak"], "host": host_plan[name]["peak"],
+                              "device_parts": device_plan[name], "host_parts": host_plan[name]}
+                       for name in device_plan},
+            "device": {"phase": device_phase, **device_plan[device_phase]},
+            "host": {"phase": host_phase, **host_plan[host_phase]}}
 
 
 def check_budget(plan: dict, config: PruneConfig) -> None:
     for where, limit in (("device", config.max_device_memory), ("host", config.max_host_memory)):
         if limit is not None and plan[where]["peak"] > limit:
-            biggest = max((k for k in plan[where] if k != "peak"), key=lambda k: plan[where][k])
+            parts = {k: v for k, v in plan[where].items() if k not in ("peak", "phase")}
+            biggest = max(parts, key=parts.get)
             raise OffloadPruneError(
-                f"the plan needs {_gib(plan[where]['peak'])} of {where} memory, over --max-{where}-memory "
-                f"{_gib(limit)} (largest part: {biggest} {_gib(plan[where][biggest])}); "
+                f"the plan needs {_gib(plan[where]['peak'])} of {where} memory in its {plan[where]['phase']} phase, "
+                f"over --max-{where}-memory {_gib(limit)} (largest part: {biggest} {_gib(parts[biggest])}); "
                 + ("try --offload-activations disk or fewer --nsamples" if where == "host"
                    else "try --true-sequential, a smaller --micro-batch-size or --seqlen"))
 
@@ -100,8 +145,10 @@ def format_plan(plan: dict, model: str) -> str:
     lines = [f"memory plan for {model}: {plan['num_layers']} blocks, compute on {plan['device_type']} in "
              f"{plan['compute_dtype']} (stored {plan['stored_dtype']})"]
     for where in ("device", "host"):
-        parts = ", ".join(f"{k} {_gib(v)}" for k, v in plan[where].items() if k != "peak")
-        lines.append(f"  {where:<6} peak {_gib(plan[where]['peak']):>10}  ({parts})")
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in plan[where].items() if k not in ("peak", "phase"))
+        lines.append(f"  {where:<6} peak {_gib(plan[where]['peak']):>10} in {plan[where]['phase']}  ({parts})")
+    lines.append("  by phase: " + ", ".join(f"{name} {_gib(p['device'])} / {_gib(p['host'])}"
+                                            for name, p in plan["phases"].items()) + "  (device / host)")
     return "\n".join(lines)
 
 

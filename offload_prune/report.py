@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import resource
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,8 +34,8 @@ def totals(modules: dict[str, dict]) -> dict[str, dict]:
 
 
 def peak_host_rss_bytes() -> int:
-    """Peak RSS of this process. VmHWM belongs to the current address space; ru_maxrss would also
-    count the parent's RSS at fork, which Linux carries across exec."""
+    """Peak RSS of this process since the last reset. VmHWM belongs to the current address space;
+    ru_maxrss would also count the parent's RSS at fork, which Linux carries across exec."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -48,25 +46,61 @@ def peak_host_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
-def peak_device_bytes(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+def current_host_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_host_rss_bytes()
 
 
-class PhaseTimer:
-    def __init__(self):
+def reset_peak_host_rss() -> bool:
+    """Start a new VmHWM period (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseMeter:
+    """Seconds and peak memory of each phase: host peak RSS (VmHWM, reset as each phase starts) and on
+    CUDA the caching allocator's peak reserved bytes (what the process holds on the GPU, cached
+    blocks included) and peak allocated bytes. A phase entered twice keeps the larger peaks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
         self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, dict[str, int | None]] = {}
+        self.host_resets = True
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
+        self.host_resets &= reset_peak_host_rss()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            measured = {"host": peak_host_rss_bytes(),
+                        "device_reserved": torch.cuda.max_memory_reserved(self.device) if cuda else None,
+                        "device_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else None}
+            previous = self.peaks.get(phase, {})
+            self.peaks[phase] = {k: max(v, previous.get(k) or 0) if v is not None else None
+                                 for k, v in measured.items()}
 
-
-def write_report(folder: Path, report: dict) -> None:
-    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    def overall(self, key: str) -> int | None:
+        values = [p[key] for p in self.peaks.values() if p.get(key) is not None]
+        if key == "host":
+            values.append(peak_host_rss_bytes())
+        return max(values) if values else None
 
 
 def _gib(value: int | None) -> str:
@@ -93,5 +127,7 @@ def format_summary(report: dict) -> str:
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
     lines.append(f"  time: {phases}")
     lines.append(f"  peak host RSS {_gib(report['peak_host_rss_bytes'])}, "
-                 f"peak device memory {_gib(report['peak_device_bytes'])}")
+                 f"peak device memory {_gib(report['peak_device_bytes'])} reserved "
+                 f"(plan: host {_gib(report['memory_plan']['host']['peak'])}, "
+                 f"device {_gib(report['memory_plan']['device']['peak'])})")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ for small stand-ins that record what each layer receives, or inject hidden state
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from typing import Iterator
 
@@ -102,6 +103,16 @@ class StreamedModel:
                 heads.append(name + ".")
         return [n for n in self.outside_names if n.startswith(tuple(heads))]
 
+    def max_positions(self) -> int | None:
+        """Positions a model with a learned position table can encode: an embedding outside the blocks
+        other than the token embedding (GPT-2's wpe, OPT's table with its offset). None for rotary or
+        ALiBi models, which take longer windows (at their own risk of quality)."""
+        tokens = self.model.get_input_embeddings()
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Embedding) and module is not tokens and not name.startswith(self.layers_path):
+                return module.num_embeddings - getattr(module, "offset", 0)
+        return None
+
     def block_names(self, index: int) -> list[str]:
         prefix = f"{self.layers_path}.{index}."
         return [n for n in self.reader.weight_map if n.startswith(prefix)]
@@ -144,6 +155,8 @@ class StreamedModel:
         block = self.layers[index]
         for name, _ in list(block.named_parameters()):
             set_module_tensor_to_device(block, name, "meta")
+        if self.device.type == "cuda":  # give the freed block back, not only to torch's cache
+            torch.cuda.empty_cache()
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """The block's tensors under their checkpoint names, in their stored dtypes, on the CPU."""
@@ -193,10 +206,23 @@ class StreamedModel:
         return layer_kwargs
 
     @torch.no_grad()
-    def logits(self, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def next_token_nll(self, final_hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> float:
+        """Sum over positions of the next-token negative log-likelihood of one window, through the
+        model's own head (final norm, soft-capping, scaling). Logits are made for `chunk` positions at
+        a time (`logits_to_keep`), never for the whole window times the vocabulary."""
         stand_ins = [_Inject(final_hidden.to(self.device))] + [_Passthrough() for _ in range(self.num_layers - 1)]
+        ids = input_ids.to(self.device)
+        targets = ids[0, 1:]
+        chunked = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with self._layers_replaced(stand_ins):
-            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+            for start in range(0, targets.numel(), chunk if chunked else targets.numel()):
+                positions = torch.arange(start, min(start + chunk, targets.numel()), device=self.device)
+                options = {"logits_to_keep": positions} if chunked else {}
+                logits = self.model(input_ids=ids, use_cache=False, **options).logits[0]
+                logits = logits if chunked else logits[:-1]
+                total += torch.nn.functional.cross_entropy(logits.float(), targets[positions], reduction="sum")
+        return float(total)
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
 import hashlib
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -50,3 +52,35 @@ def read_all_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(folder.glob("*.safetensors")):
         out.update(load_file(shard))
     return out
+
+
+class CrashWorker:
+    """Client of crash_worker.py: each `run` is a fresh offload-prune command in ~0.2 s."""
+
+    def __init__(self, warm_up_argv: list, folder: Path):
+        self.folder = folder
+        self.numbers = itertools.count()
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("crash_worker.py")),
+                                         json.dumps([str(a) for a in warm_up_argv])],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, *argv, env=None, cwd=None, fsize_limit=None) -> tuple[int, str]:
+        """(exit code or -signal, what the command printed)."""
+        output = self.folder / f"output-{next(self.numbers)}.txt"
+        request = {"argv": [str(a) for a in argv], "env": env or {}, "cwd": str(cwd) if cwd else None,
+                   "fsize_limit": fsize_limit, "output": str(output)}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        code = json.loads(self.process.stdout.readline())["code"]
+        return code, output.read_text()
+
+    def steps(self, *argv) -> list[str]:
+        """The filesystem steps an uninterrupted run takes, as 'kind path' lines."""
+        log = self.folder / f"steps-{next(self.numbers)}.log"
+        code, printed = self.run(*argv, env={"OFFLOAD_PRUNE_STEP_LOG": str(log)})
+        assert code == 0, printed
+        return [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)

@@ -49,3 +49,66 @@ def test_eval_windows_drop_the_partial_tail():
     w = eval_windows(torch.arange(1050), 100, None)
     assert w.shape == (10, 100) and w[-1, -1] == 999
     assert eval_windows(torch.arange(1050), 100, 3).shape == (3, 100)
+
+
+class CountingTokenizer:
+    """The demo byte tokenizer, counting the characters it is asked to tokenize."""
+
+    def __init__(self):
+        from offload_prune.demo import byte_tokenizer
+        self.inner, self.characters = byte_tokenizer(), 0
+
+    def __call__(self, text):
+        self.characters += len(text)
+        return self.inner(text)
+
+
+@pytest.fixture
+def fake_c4(monkeypatch):
+    """A stand-in for the C4 shard (no network here): 5000 documents, most shorter than a window."""
+    import random
+
+    import offload_prune.calibration as calibration
+    rng = random.Random(7)
+    documents = [" ".join(f"w{rng.randint(0, 999)}" for _ in range(rng.choice([5, 20, 400]))) for _ in range(5000)]
+    requested = []
+
+    def rows(name, split):
+        requested.append((name, split))
+        return documents
+    monkeypatch.setattr(calibration, "dataset_rows", rows)
+    return documents, requested
+
+
+def test_c4_samples_documents_as_the_reference_loaders(fake_c4):
+    from offload_prune.calibration import calibration_windows, tokenize
+    documents, requested = fake_c4
+    tokenizer = CountingTokenizer()
+    windows, longest = calibration_windows("c4", tokenizer, nsamples=16, seqlen=256, seed=3)
+    assert windows.shape == (16, 256) and requested == [("c4", "train")]
+    # only the drawn documents were tokenized, never the whole shard
+    assert tokenizer.characters < sum(map(len, documents)) / 20
+    # each window is a contiguous slice of one document's tokens
+    for window in windows:
+        assert any(_contains(tokenize(tokenizer.inner, d), window) for d in documents if len(d) > 256)
+    again, _ = calibration_windows("c4", CountingTokenizer(), nsamples=16, seqlen=256, seed=3)
+    other, _ = calibration_windows("c4", CountingTokenizer(), nsamples=16, seqlen=256, seed=4)
+    assert torch.equal(windows, again) and not torch.equal(windows, other)
+
+
+def _contains(ids, window):
+    n = window.numel()
+    return any(torch.equal(ids[i:i + n], window) for i in range(ids.numel() - n + 1))
+
+
+def test_c4_evaluation_text_is_the_first_validation_documents(fake_c4):
+    documents, requested = fake_c4
+    assert load_text("c4", split="test") == " ".join(documents[:1100])
+    assert requested == [("c4", "validation")]
+
+
+def test_c4_without_long_enough_documents_is_refused(monkeypatch):
+    import offload_prune.calibration as calibration
+    monkeypatch.setattr(calibration, "dataset_rows", lambda name, split: ["short text"] * 10)
+    with pytest.raises(OffloadPruneError, match="no document longer than --seqlen 64 tokens in 1000 draws"):
+        calibration.calibration_windows("c4", CountingTokenizer(), 2, 64, 0)

@@ -1,10 +1,18 @@
 import pytest
 import torch
 
+import offload_prune.masks as masks
 from offload_prune.config import OffloadPruneError
-from offload_prune.masks import lowest_k, nm_valid, prune_mask
+from offload_prune.masks import lowest_k, nm_valid, zero_lowest
 
 from reference import argsort_mask
+
+
+def mask_of(scores, sparsity, nm, per_row):
+    """What zero_lowest prunes, as a mask (the weight is all ones)."""
+    weight = torch.ones_like(scores)
+    zero_lowest(weight, lambda rows: scores[rows].clone(), sparsity, nm, per_row)
+    return weight == 0
 
 
 def test_lowest_k_breaks_ties_by_position():
@@ -14,25 +22,38 @@ def test_lowest_k_breaks_ties_by_position():
     assert lowest_k(scores, 5).all()
 
 
+@pytest.mark.parametrize("chunk", [masks.CHUNK_ELEMENTS, 100])  # one chunk; many (ties across chunk borders)
 @pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize("nm", [None, (2, 4), (4, 8), (1, 4)])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_masks_equal_a_sort_based_reference(per_row, nm, quantized):
+def test_masks_equal_a_sort_based_reference(per_row, nm, quantized, chunk, monkeypatch):
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     scores = torch.randn(48, 64).abs()
     if quantized:  # heavy ties, as in GGUF-dequantized checkpoints
         scores = (scores * 4).round()
-    for sparsity in (0.0, 0.3, 0.5, 0.7):
-        mask = prune_mask(scores, sparsity, nm, per_row)
+    for sparsity in (0.0, 0.3, 0.5, 0.7, 0.999):
+        mask = mask_of(scores, sparsity, nm, per_row)
         assert torch.equal(mask, argsort_mask(scores, sparsity, nm, per_row))
         expected = scores.numel() * nm[0] // nm[1] if nm else (
             48 * int(64 * sparsity) if per_row else int(scores.numel() * sparsity))
         assert int(mask.sum()) == expected
 
 
+def test_one_threshold_over_the_whole_range_of_floats(monkeypatch):
+    """Scores from 1e-30 to 1e30 and exact zeros: the radix select's two histogram levels."""
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 64)
+    torch.manual_seed(1)
+    scores = 10 ** (torch.rand(40, 32) * 60 - 30)
+    scores[::7, ::3] = 0
+    scores[5, 5] = -0.0
+    for sparsity in (0.1, 0.33, 0.5, 0.9):
+        assert torch.equal(mask_of(scores, sparsity, None, False), argsort_mask(scores, sparsity, None, False))
+
+
 def test_nm_validity_and_width_check():
     weight = torch.randn(8, 16)
-    weight[prune_mask(weight.abs(), 0.5, (2, 4), True)] = 0
+    zero_lowest(weight, lambda rows: weight[rows].abs(), 0.5, (2, 4), True)
     assert nm_valid(weight, (2, 4)) and not nm_valid(weight, (3, 4))
     with pytest.raises(OffloadPruneError, match="multiple of 4"):
-        prune_mask(torch.rand(4, 10), 0.5, (2, 4), True)
+        zero_lowest(torch.rand(4, 10), lambda rows: torch.rand(4, 10)[rows], 0.5, (2, 4), True)

@@ -59,12 +59,18 @@ def test_scores_broadcast_along_the_neuron_axis():
     method = NeuronRank(config)
     weight = torch.randn(4, 3)
     factor = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    rows = method._scores(weight, factor, axis=0)  # gate/up: neuron j is row j
-    assert torch.allclose(rows, weight.abs() ** 2 * factor[:, None])
-    cols = method._scores(weight.T.contiguous(), factor, axis=1)  # down: neuron j is column j
-    assert torch.allclose(cols, weight.T.abs() ** 2 * factor[None, :])
-    old = NeuronRank(options(prune_method="neuronrank_old"))._scores(weight, factor, axis=0)
-    assert torch.allclose(old, weight.norm(dim=1, keepdim=True) * factor[:, None] * torch.ones(1, 3))
+    everything, some = slice(None), slice(1, 3)  # scores come a slice of rows at a time
+    rows = method._scorer(weight, factor, axis=0)  # gate/up: neuron j is row j
+    assert torch.allclose(rows(everything), weight.abs() ** 2 * factor[:, None])
+    assert torch.allclose(rows(some), (weight.abs() ** 2 * factor[:, None])[some])
+    cols = method._scorer(weight.T.contiguous(), factor, axis=1)  # down: neuron j is column j
+    assert torch.allclose(cols(everything), weight.T.abs() ** 2 * factor[None, :])
+    old = NeuronRank(options(prune_method="neuronrank_old"))
+    assert torch.allclose(old._scorer(weight, factor, axis=0)(some),
+                          (weight.norm(dim=1, keepdim=True) * factor[:, None] * torch.ones(1, 3))[some])
+    # a column neuron's norm spans all rows, also those outside the slice being scored
+    assert torch.allclose(old._scorer(weight.T.contiguous(), factor, axis=1)(slice(0, 1)),
+                          weight.T.norm(dim=0, keepdim=True) * factor[None, :])
 
 
 @pytest.fixture(scope="module")

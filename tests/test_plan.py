@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 from offload_prune.checkpoint import CheckpointReader
 from offload_prune.cli import main
 from offload_prune.config import PruneConfig
-from offload_prune.plan import memory_plan
+from offload_prune.plan import PROCESS_BASELINE_BYTES, memory_plan
 from offload_prune.skeleton import StreamedModel
 
 from conftest import run_cli
@@ -25,13 +25,37 @@ def test_block_weights_and_activation_cache_match_the_plan(tiny_llama, tmp_path)
     config = PruneConfig(model=str(tiny_llama), nsamples=4, seqlen=32, prune_method="wanda").validate()
     plan = memory_plan(config, reader.config, "cpu")
     block = StreamedModel(reader, torch.device("cpu"), torch.float32).load_block(0)
-    assert plan["device"]["block_weights"] == sum(p.nbytes for p in block.parameters())
+    assert plan["phases"]["prune"]["device_parts"]["block_weights"] == sum(p.nbytes for p in block.parameters())
     save = tmp_path / "out"
     killed = run_cli("--model", tiny_llama, "--save", save, "--calib-data", tiny_llama / "demo.txt", "--nsamples", 4,
-                     "--seqlen", 32, "--quiet", env_extra={"OFFLOAD_PRUNE_KILL_AT": "block-start:0"})
+                     "--seqlen", 32, "--quiet", env_extra={"OFFLOAD_PRUNE_KILL_AT_STEP": "rename:acts_00000.bin"})
     assert killed.returncode == -9
     cache_file = save / ".offload-prune-run" / "acts_00000.bin"
-    assert cache_file.stat().st_size == plan["activation_cache_bytes"] == plan["host"]["activation_cache"]
+    assert cache_file.stat().st_size == plan["activation_cache_bytes"]
+    assert cache_file.stat().st_size == plan["phases"]["prune"]["host_parts"]["activation_cache"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
+def test_every_phase_measured_within_the_plan(checkpoint_factory, tmp_path):
+    """A run through every phase (calibration, capture, prune, write with the head pruned, both
+    evaluations), in a fresh process: each phase's measured peak RSS is at most 10 % above its
+    planned peak and not more than 1.5x below it. The model is wide enough (32k vocabulary, width
+    1024) that embedding, head, logits and block terms are a large part of each phase."""
+    model = checkpoint_factory(num_layers=2, hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=32000,
+                               dtype=torch.float16, max_shard_size="200MB")
+    save = tmp_path / "out"
+    result = run_cli("--model", model, "--save", save, "--prune_method", "wanda", "--nr-prune-lm-head",
+                     "--calib-data", model / "demo.txt", "--nsamples", 8, "--seqlen", 512, "--eval-ppl",
+                     "--eval-data", model / "demo.txt", "--eval-max-windows", 4, "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((save / "report.json").read_text())
+    planned = report["memory_plan"]["phases"]
+    measured = report["phase_peaks"]
+    assert set(measured) == {"calibration", "capture", "prune", "write", "eval_dense", "eval_pruned"}
+    for phase, peaks in measured.items():
+        plan = planned["eval" if phase.startswith("eval") else phase]["host"]
+        print(f"{phase}: planned {plan / 2**20:.0f} MiB, measured {peaks['host'] / 2**20:.0f} MiB")
+        assert plan / 1.5 <= peaks["host"] <= plan * 1.10, phase
 
 
 PEAK_PROBE = Path(__file__).with_name("sparsegpt_peak_probe.py")
@@ -67,7 +91,7 @@ def test_plan_for_llama2_70b_on_a_24gb_gpu(tmp_path, capsys):
     LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=32000, dtype="float16").save_pretrained(tmp_path)
     config = PruneConfig(model=str(tmp_path), prune_method="sparsegpt").validate()
-    plan = memory_plan(config, LlamaConfig.from_pretrained(tmp_path), "cuda")
+    plan = memory_plan(config, LlamaConfig.from_pretrained(tmp_path), "cuda", process_bytes=PROCESS_BASELINE_BYTES)
     down_hessian = 28672**2 * 4
     assert plan["method"]["statistics"] == down_hessian + 3 * 8192**2 * 4
     assert plan["device"]["peak"] <= 12 * GIB

@@ -108,3 +108,33 @@ def test_hub_id_without_network_is_one_clear_line(tmp_path):
     assert result.stderr.strip().startswith("offload-prune: error: --model no-such-org/no-such-model: "
                                             "not a local folder and the hub download failed")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_nm_with_a_blocksize_that_splits_groups(capsys, tiny_llama, tmp_path):
+    message = refuse(capsys, *base_args(tiny_llama, tmp_path / "o"), "--prune_method", "sparsegpt",
+                     "--sparsity_type", "2:4", "--blocksize", "6")
+    assert "--blocksize 6 must be a multiple of M=4" in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_save_pointing_at_a_file(capsys, tiny_llama, tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    assert "is a file" in refuse(capsys, *base_args(tiny_llama, target))
+    assert target.read_text() == "mine"
+
+
+def test_seqlen_beyond_learned_positions(capsys, tmp_path):
+    """OPT has a learned position table (with an offset of 2): more positions cannot be encoded."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from offload_prune.demo import byte_tokenizer, demo_text
+    folder = tmp_path / "opt"
+    OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                             vocab_size=260, max_position_embeddings=64, word_embed_proj_dim=32)).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    (folder / "demo.txt").write_text(demo_text())
+    message = refuse(capsys, "--model", folder, "--save", tmp_path / "o", "--calib-data", folder / "demo.txt",
+                     "--seqlen", 100)
+    assert "--seqlen 100 is more than the 64 positions OPTForCausalLM has learned position embeddings for" in message
+    assert not (tmp_path / "o").exists()

@@ -1,64 +1,230 @@
-"""A run killed anywhere and resumed writes files identical to an uninterrupted run."""
+"""A run stopped at any filesystem step and resumed writes files identical to an uninterrupted run.
+
+The steps are not chosen by hand: an uninterrupted run logs every write, fsync, rename and delete
+it makes (offload_prune/durable.py), and the sweep kills a fresh run at each of them in turn.
+"""
+import json
+
 import pytest
 
-from conftest import folder_digests, run_cli
-
-KILL_POINTS = ["block-done:0", "block-start:1", "block-pruned:1", "writing:1", "finalize"]
+from conftest import CrashWorker, folder_digests
 
 
 @pytest.fixture(scope="module")
 def resume_model(checkpoint_factory):
-    # Shards of ~40 KB split every block over several files, so "writing" lands mid-block.
+    # Shards of ~40 KB split every block over several files, so kills land between a block's shards.
     return checkpoint_factory(num_layers=3, hidden=64, intermediate=128, max_shard_size="40KB")
 
 
-def prune_args(model, save, *extra):
-    return ["--model", model, "--save", save, "--prune_method", "wanda", "--calib-data", model / "demo.txt",
-            "--nsamples", 4, "--seqlen", 32, "--quiet", *extra]
+@pytest.fixture(scope="module")
+def calibration_text(resume_model, tmp_path_factory):
+    """A short text: tokenizing the whole demo text would be most of each of the sweep's ~500 runs."""
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text((resume_model / "demo.txt").read_text()[:2000])
+    return path
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(resume_model, tmp_path_factory):
+def prune_args(calibration_text):
+    def args(model, save, *extra):
+        return ["--model", model, "--save", save, "--prune_method", "wanda", "--calib-data", calibration_text,
+                "--nsamples", 4, "--seqlen", 32, "--quiet", *extra]
+    return args
+
+
+@pytest.fixture(scope="module")
+def worker(resume_model, prune_args, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("worker")
+    crash_worker = CrashWorker(prune_args(resume_model, folder / "warm-up"), folder)
+    yield crash_worker
+    crash_worker.close()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(resume_model, worker, prune_args, tmp_path_factory):
     save = tmp_path_factory.mktemp("uninterrupted") / "out"
-    result = run_cli(*prune_args(resume_model, save))
-    assert result.returncode == 0, result.stderr
+    code, printed = worker.run(*prune_args(resume_model, save))
+    assert code == 0, printed
     return folder_digests(save)
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_then_resume_is_identical(resume_model, uninterrupted, tmp_path, point):
+def kill_then_resume(worker, args, step, second_kill=None):
+    """Kill a fresh run at `step`, resume it (killed again at `second_kill` if given, then resumed
+    once more); returns what went wrong, or None."""
+    code, printed = worker.run(*args, env={"OFFLOAD_PRUNE_KILL_AT_STEP": str(step)})
+    if code != -9:
+        return f"not killed (exit {code}): {printed[-300:]}"
+    if second_kill is not None:
+        code, printed = worker.run(*args, env={"OFFLOAD_PRUNE_KILL_AT_STEP": str(second_kill)})
+        if code not in (-9, 0):
+            return f"second run exit {code}: {printed[-300:]}"
+    code, printed = worker.run(*args)
+    if code != 0 or "Traceback" in printed:
+        return f"resume exit {code}: {printed[-300:]}"
+    return None
+
+
+@pytest.mark.parametrize("activations", ["ram", "disk"])
+def test_kill_at_every_filesystem_step_then_resume_is_identical(resume_model, prune_args, worker, uninterrupted, tmp_path,
+                                                                 activations):
+    args = lambda save: prune_args(resume_model, save, "--offload-activations", activations)  # noqa: E731
+    steps = worker.steps(*args(tmp_path / "logged"))
+    assert {s.split()[0] for s in steps} == {"mkdir", "write", "fsync", "rename", "fsync-dir", "delete"}
+    failures = []
+    for k in range(1, len(steps) + 1):
+        save = tmp_path / f"k{k}"
+        problem = kill_then_resume(worker, args(save), k)
+        if problem is None and folder_digests(save) != uninterrupted:
+            problem = "output differs from the uninterrupted run"
+        if problem:
+            failures.append(f"step {k} ({steps[k - 1]}): {problem}")
+    print(f"{activations}: {len(steps)} kill points swept, {len(steps) - len(failures)} identical")
+    assert not failures, "\n".join(failures)
+
+
+def test_double_kill_then_resume_is_identical(resume_model, prune_args, worker, uninterrupted, tmp_path):
+    steps = worker.steps(*prune_args(resume_model, tmp_path / "logged"))
+    failures = []
+    for k in range(1, len(steps) + 1, 2):
+        save = tmp_path / f"k{k}"
+        second = 1 + (k * 37) % len(steps)  # the resumed run is killed at its own step `second`
+        problem = kill_then_resume(worker, prune_args(resume_model, save), k, second_kill=second)
+        if problem is None and folder_digests(save) != uninterrupted:
+            problem = "output differs from the uninterrupted run"
+        if problem:
+            failures.append(f"steps {k} then {second}: {problem}")
+    assert not failures, "\n".join(failures)
+
+
+def test_ctrl_c_stops_at_a_resumable_point(resume_model, prune_args, worker, uninterrupted, tmp_path):
     save = tmp_path / "out"
-    killed = run_cli(*prune_args(resume_model, save), env_extra={"OFFLOAD_PRUNE_KILL_AT": point})
-    assert killed.returncode == -9, killed.stderr
-    (save / "model-00099-of-00099.safetensors.tmp").write_bytes(b"half a shard")  # as a kill mid-write leaves
-    resumed = run_cli(*prune_args(resume_model, save))
-    assert resumed.returncode == 0, resumed.stderr
+    code, printed = worker.run(*prune_args(resume_model, save),
+                               env={"OFFLOAD_PRUNE_KILL_AT_STEP": "rename:acts_00002.bin",
+                                    "OFFLOAD_PRUNE_KILL_SIGNAL": "INT"})
+    assert code == 130
+    assert "resume" in printed and "Traceback" not in printed
+    code, printed = worker.run(*prune_args(resume_model, save, "--resume"))
+    assert code == 0, printed
     assert folder_digests(save) == uninterrupted
 
 
-def test_ctrl_c_stops_at_a_resumable_point(resume_model, uninterrupted, tmp_path):
+def kill_after_block(worker, args, block):
+    """Killed right after block `block` committed (its input activations are then deleted)."""
+    code, printed = worker.run(*args, env={"OFFLOAD_PRUNE_KILL_AT_STEP": f"delete:acts_{block:05d}.bin"})
+    assert code == -9, printed
+
+
+def test_resume_with_other_options_is_refused(resume_model, prune_args, worker, tmp_path):
     save = tmp_path / "out"
-    stopped = run_cli(*prune_args(resume_model, save),
-                      env_extra={"OFFLOAD_PRUNE_KILL_AT": "block-pruned:1", "OFFLOAD_PRUNE_KILL_SIGNAL": "INT"})
-    assert stopped.returncode == 130
-    assert "resume" in stopped.stderr and "Traceback" not in stopped.stderr
-    resumed = run_cli(*prune_args(resume_model, save, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
+    kill_after_block(worker, prune_args(resume_model, save), 0)
+    code, printed = worker.run(*prune_args(resume_model, save, "--sparsity_ratio", "0.6"))
+    assert code == 2
+    assert "an unfinished run of a different job (options.sparsity_ratio: 0.5 then, 0.6 now)" in printed
+    assert len(printed.strip().splitlines()) == 1
+
+
+def test_same_job_in_other_spellings_resumes(resume_model, worker, uninterrupted, calibration_text, tmp_path):
+    """Relative vs absolute paths, a copy of the model and text elsewhere, --device/--dtype auto vs
+    what they resolve to on this machine: the same job."""
+    import shutil
+    work = tmp_path / "work"
+    shutil.copytree(resume_model, work / "model")
+    (tmp_path / "text.txt").write_bytes(calibration_text.read_bytes())
+    (work / "calibration.txt").write_bytes(calibration_text.read_bytes())
+    relative = ["--model", "model", "--save", "out", "--prune_method", "wanda", "--calib-data", "calibration.txt",
+                "--nsamples", 4, "--seqlen", 32, "--device", "auto", "--dtype", "auto"]
+    code, printed = worker.run(*relative, env={"OFFLOAD_PRUNE_KILL_AT_STEP": "rename:acts_00001.bin"}, cwd=work)
+    assert code == -9, printed
+    code, printed = worker.run("--model", resume_model, "--save", work / "out", "--prune_method", "wanda",
+                               "--calib-data", tmp_path / "text.txt", "--nsamples", 4, "--seqlen", 32,
+                               "--device", "cpu", "--dtype", "float32", "--quiet")
+    assert code == 0, printed
+    assert folder_digests(work / "out") == uninterrupted
+    manifest = json.loads((work / "out" / ".offload-prune-run" / "manifest.json").read_text())
+    assert set(manifest["fingerprint"]["versions"]) == {"offload_prune", "torch", "transformers"}
+    assert str(resume_model) not in json.dumps(manifest["fingerprint"])
+
+
+def test_what_changes_the_result_is_refused(resume_model, prune_args, worker, tmp_path):
+    save = tmp_path / "out"
+    kill_after_block(worker, prune_args(resume_model, save), 0)
+    manifest_path = save / ".offload-prune-run" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["fingerprint"]["versions"]["transformers"] = "4.0.0"
+    manifest_path.write_text(json.dumps(manifest))
+    code, printed = worker.run(*prune_args(resume_model, save))
+    assert code == 2 and "versions.transformers: 4.0.0 then" in printed
+    code, printed = worker.run(*prune_args(resume_model, save, "--prune_method", "magnitude"))
+    assert code == 2 and "options.prune_method: wanda then, magnitude now" in printed
+
+
+def test_finished_run_repeated_is_complete(resume_model, prune_args, worker, uninterrupted, tmp_path):
+    save = tmp_path / "out"
+    assert worker.run(*prune_args(resume_model, save))[0] == 0
+    times = {p.name: p.stat().st_mtime_ns for p in save.iterdir()}
+    args = [a for a in prune_args(resume_model, save) if a != "--quiet"]
+    code, printed = worker.run(*args)
+    assert code == 0 and "already holds the finished output of this job" in printed
+    assert {p.name: p.stat().st_mtime_ns for p in save.iterdir()} == times
+    code, printed = worker.run(*prune_args(resume_model, save, "--resume"))
+    assert code == 0
+    code, printed = worker.run(*prune_args(resume_model, save, "--seed", "1"))
+    assert code == 2 and "the finished output of a different job" in printed and "--overwrite" in printed
     assert folder_digests(save) == uninterrupted
 
 
-def test_disk_activations_resume(resume_model, uninterrupted, tmp_path):
+@pytest.mark.parametrize("damage, redone", [
+    ("truncate acts", "redoing from the calibration capture and block 0"),
+    ("flip acts", "redoing from the calibration capture and block 0"),
+    ("delete kwargs", "redoing from the calibration capture and block 0"),
+    ("truncate block 0 shard", "redoing from the calibration capture and block 0"),
+    ("delete block 1 shard", "redoing from the calibration capture and block 0"),
+])
+def test_damaged_run_file_is_redone_from_the_last_intact_state(resume_model, prune_args, worker, uninterrupted, tmp_path,
+                                                               damage, redone):
     save = tmp_path / "out"
-    args = prune_args(resume_model, save, "--offload-activations", "disk")
-    assert run_cli(*args, env_extra={"OFFLOAD_PRUNE_KILL_AT": "block-pruned:1"}).returncode == -9
-    assert run_cli(*args).returncode == 0
+    kill_after_block(worker, prune_args(resume_model, save), 1)
+    run_dir = save / ".offload-prune-run"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    shards = {record["stage"]: name for name, record in sorted(manifest["outputs"].items(), reverse=True)}
+    target = {"acts": run_dir / "acts_00002.bin", "kwargs": run_dir / "layer_kwargs.pt",
+              "block 0 shard": save / shards[0], "block 1 shard": save / shards[1]}[damage.split(" ", 1)[1]]
+    action = damage.split()[0]
+    if action == "truncate":
+        target.write_bytes(target.read_bytes()[:-7])
+    elif action == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 1
+        target.write_bytes(bytes(data))
+    else:
+        target.unlink()
+    code, printed = worker.run(*prune_args(resume_model, save))
+    assert code == 0, printed
+    notice = [line for line in printed.splitlines() if "damaged" in line]
+    assert len(notice) == 1 and target.name in notice[0] and redone in notice[0] and "safe" in notice[0]
     assert folder_digests(save) == uninterrupted
 
 
-def test_resume_with_other_options_is_refused(resume_model, tmp_path):
+def test_damaged_finished_output_is_repaired(resume_model, prune_args, worker, uninterrupted, tmp_path):
     save = tmp_path / "out"
-    assert run_cli(*prune_args(resume_model, save), env_extra={"OFFLOAD_PRUNE_KILL_AT": "block-done:0"}).returncode == -9
-    refused = run_cli(*prune_args(resume_model, save, "--sparsity_ratio", "0.6"))
-    assert refused.returncode == 2
-    assert "sparsity_ratio: 0.5 then, 0.6 now" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    assert worker.run(*prune_args(resume_model, save))[0] == 0
+    (save / "config.json").write_text("{}")
+    code, printed = worker.run(*prune_args(resume_model, save))
+    assert code == 0, printed
+    assert "config.json is damaged" in printed and "all blocks are intact" in printed
+    assert folder_digests(save) == uninterrupted
+
+
+def test_file_size_limit_then_resume(resume_model, prune_args, worker, uninterrupted, tmp_path):
+    """ulimit -f below the size of an activation file: one clear line, and the same command without
+    the limit resumes to the same output."""
+    save = tmp_path / "out"
+    code, printed = worker.run(*prune_args(resume_model, save), fsize_limit=20_000)
+    assert code == 2, printed
+    line = printed.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "file-size limit" in line and "needs about" in line and "run the same command again" in line
+    assert not list(save.rglob("*.tmp"))
+    code, printed = worker.run(*prune_args(resume_model, save))
+    assert code == 0, printed
+    assert folder_digests(save) == uninterrupted

@@ -176,3 +176,20 @@ def test_unstructured_sparsity_is_exact_in_every_module(tiny_llama, tmp_path):
     for name, module in report["modules"].items():
         assert module["zeros"] == module["numel"] // 2, name
         assert module["cholesky_retries"] == 0 and module["seconds"] >= 0
+
+
+def test_tf32_guard_uses_the_current_api():
+    """A process that set TF32 through torch's fp32_precision API: the guard neither raises (reading
+    the legacy flags would) nor leaves its own setting behind."""
+    from offload_prune.methods.sparsegpt import no_tf32
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without fp32_precision")
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        with no_tf32():
+            assert matmul.fp32_precision == "ieee" and torch.backends.cudnn.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

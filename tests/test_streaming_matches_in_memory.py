@@ -74,7 +74,13 @@ def test_output_layout(tiny_llama, tmp_path):
     assert max(p.stat().st_size for p in save.glob("*.safetensors")) <= largest_input
     for side in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (save / side).read_bytes() == (tiny_llama / side).read_bytes()
-    assert not (save / ".offload-prune-run").exists()
+    # Only the finished manifest stays behind (activations and layer arguments are gone); it names
+    # every output file with its size and checksum.
+    assert [p.name for p in (save / ".offload-prune-run").iterdir()] == ["manifest.json"]
+    manifest = json.loads((save / ".offload-prune-run" / "manifest.json").read_text())
+    assert manifest["finished"] and manifest["run_files"] == {}
+    written = {p.name: p.stat().st_size for p in save.iterdir() if p.is_file()}
+    assert {name: record["size"] for name, record in manifest["outputs"].items()} == written
     report = json.loads((save / "report.json").read_text())
     assert {"calibration", "capture", "prune", "write"} <= set(report["seconds"])
     assert report["peak_host_rss_bytes"] > 0

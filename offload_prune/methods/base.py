@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig
-from ..masks import prune_mask
+from ..masks import ScoreRows, chunk_workspace_bytes, zero_lowest
 
 
 class PruningMethod:
@@ -19,6 +19,8 @@ class PruningMethod:
     needs_calibration: bool = True
     #: Calibration passes per group before `prune`; `start_pass(i)` is called before each.
     calibration_passes: int = 1
+    #: PruneConfig fields, beyond the ones every method shares, that change this method's result.
+    options: tuple[str, ...] = ()
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -45,20 +47,14 @@ class PruningMethod:
         """Compute-device bytes beyond the block's weights, for the memory plan: `statistics` held
         through the calibration pass, and the peak `prune` step (statistics still alive included).
         `linears` may live on the meta device: only shapes are used. By default: the statistics,
-        still held while the largest linear's scores and mask are built."""
+        still held while the largest linear's scores and mask are made, a chunk of rows at a time."""
         statistics = self.statistics_bytes(linears)
         return {"statistics": statistics,
-                "prune": statistics + max(_mask_workspace(m, compute_dtype) for m in linears.values())}
+                "prune": statistics + max(chunk_workspace_bytes(m.weight.numel()) for m in linears.values())}
 
     def statistics_bytes(self, linears: dict[str, nn.Linear]) -> int:
         """Bytes of statistics held for these linears through a calibration pass."""
         return 0
-
-
-def _mask_workspace(linear: nn.Linear, compute_dtype: torch.dtype) -> int:
-    # scores, kthvalue's copy of them, a bool mask and bool temporaries (+ a float32 copy of W if needed)
-    per_weight = 4 + 4 + 4 + (0 if compute_dtype == torch.float32 else 4)
-    return linear.weight.numel() * per_weight
 
 
 class ScoreMaskMethod(PruningMethod):
@@ -66,13 +62,14 @@ class ScoreMaskMethod(PruningMethod):
 
     per_row = False
 
-    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def scorer(self, name: str, weight: torch.Tensor) -> ScoreRows:
+        """The float32 scores of any slice of rows of this linear's weight (called once per linear,
+        after its statistics are complete)."""
         raise NotImplementedError
 
     @torch.no_grad()
     def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
         for name, linear in linears.items():
-            scores = self.score(name, linear.weight.float())
-            mask = prune_mask(scores, self.config.sparsity_ratio, self.config.nm, self.per_row)
-            linear.weight[mask] = 0
+            zero_lowest(linear.weight, self.scorer(name, linear.weight), self.config.sparsity_ratio, self.config.nm,
+                        self.per_row)
         return {name: {} for name in linears}

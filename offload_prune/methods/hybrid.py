@@ -12,6 +12,8 @@ from .wanda import Wanda
 
 
 class Hybrid(PruningMethod):
+    options = NeuronRank.options + ("hybrid_mlp_method",)
+
     def __init__(self, config: PruneConfig):
         super().__init__(config)
         self.attention = Wanda(config)

@@ -10,5 +10,5 @@ class Magnitude(ScoreMaskMethod):
     needs_calibration = False
     per_row = False
 
-    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight.abs()
+    def scorer(self, name: str, weight: torch.Tensor):
+        return lambda rows: weight[rows].float().abs()

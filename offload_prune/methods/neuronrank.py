@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig
-from ..masks import lowest_k, prune_mask
+from ..masks import ScoreRows, lowest_k, row_chunks, zero_lowest
 from .base import PruningMethod
 
 PROJECTION_DIM = 128
@@ -110,25 +110,28 @@ class ChannelStatistics:
             self.topic_sums = torch.zeros(k, self.abs_sum.shape[0], device=self.abs_sum.device)
             self.topic_counts = torch.zeros(k, device=self.abs_sum.device)
 
+    # The factors are computed once per module, in float64 on the CPU (no float64 on a GPU).
     def tf(self) -> torch.Tensor:
-        return self.abs_sum.double() / self.tokens
+        return self.abs_sum.cpu().double() / self.tokens
 
     def spikiness(self) -> torch.Tensor:
         tf = self.tf()
-        return torch.where(tf > 0, self.abs_max.double() / tf, torch.ones_like(tf))
+        return torch.where(tf > 0, self.abs_max.cpu().double() / tf, torch.ones_like(tf))
 
     def idf(self) -> torch.Tensor:
         if self.mode == "old":
-            return inverse_frequency(self.positive, self.tokens)
+            return inverse_frequency(self.positive.cpu(), self.tokens)
         if self.mode == "doc":
             return inverse_frequency(frequency_above_quantile(torch.cat(self.rows), self.config.nr_q_active), sum(len(r) for r in self.rows))
-        filled = self.topic_counts > 0
-        strengths = self.topic_sums[filled] / self.topic_counts[filled, None]
-        return inverse_frequency(frequency_above_quantile(strengths.cpu(), self.config.nr_q_active), int(filled.sum()))
+        filled = (self.topic_counts > 0).cpu()
+        strengths = self.topic_sums.cpu()[filled] / self.topic_counts.cpu()[filled, None]
+        return inverse_frequency(frequency_above_quantile(strengths, self.config.nr_q_active), int(filled.sum()))
 
     def neuron_factor(self) -> torch.Tensor:
+        """float32, on the device the statistics were gathered on."""
         c = self.config
-        return self.tf() ** c.tf_exp * self.idf().to(self.abs_sum.device) ** c.idf_exp * self.spikiness() ** c.nr_spikiness_exp
+        factor = self.tf() ** c.tf_exp * self.idf() ** c.idf_exp * self.spikiness() ** c.nr_spikiness_exp
+        return factor.float().to(self.abs_sum.device)
 
 
 def signal_of(name: str, mlp_signal: str) -> tuple[str, str, int]:
@@ -145,6 +148,9 @@ def signal_of(name: str, mlp_signal: str) -> tuple[str, str, int]:
 
 class NeuronRank(PruningMethod):
     """neuronrank_tfidf (doc / topic) and neuronrank_old."""
+
+    options = ("nr_tfidf_mode", "nr_tfidf_k", "nr_q_active", "nr_spikiness_exp", "weight_exp", "tf_exp",
+               "idf_exp", "nr_mlp_signal")
 
     def __init__(self, config: PruneConfig, variant: str | None = None):
         super().__init__(config)
@@ -186,18 +192,31 @@ class NeuronRank(PruningMethod):
             return self._prune_neurons(linears, factors)
         for name, linear in linears.items():
             key, _, axis = signal_of(name, self.config.nr_mlp_signal)
-            scores = self._scores(linear.weight.float(), factors[key].float(), axis)
-            mask = prune_mask(scores, self.config.sparsity_ratio, self.config.nm, per_row=False)
-            linear.weight[mask] = 0
+            zero_lowest(linear.weight, self._scorer(linear.weight, factors[key].float(), axis),
+                        self.config.sparsity_ratio, self.config.nm, per_row=False)
         return {name: {"rule": self.rule(name)} for name in linears}
 
-    def _scores(self, weight: torch.Tensor, factor: torch.Tensor, axis: int) -> torch.Tensor:
-        if self.mode == "old":  # the neuron's weight norm, the same for all its weights
-            magnitude = weight.norm(dim=1 - axis, keepdim=True).expand_as(weight)
-        else:
-            magnitude = weight.abs()
-        shape = (-1, 1) if axis == 0 else (1, -1)
-        return magnitude ** self.config.weight_exp * factor.reshape(shape)
+    def _scorer(self, weight: torch.Tensor, factor: torch.Tensor, axis: int) -> ScoreRows:
+        """Scores of a slice of rows: the weight's magnitude (old: its neuron's L2 norm, the same for
+        all of the neuron's weights) times the neuron factor, along the neuron's axis."""
+        alpha = self.config.weight_exp
+        column_norms = None
+        if self.mode == "old" and axis == 1:  # neurons are columns: their norms span every row
+            squares = sum(weight[rows].float().pow(2).sum(dim=0) for rows in row_chunks(*weight.shape))
+            column_norms = squares.sqrt()
+
+        def score_rows(rows: slice) -> torch.Tensor:
+            w = weight[rows].float()
+            if self.mode != "old":
+                magnitude = w.abs()
+            elif axis == 0:
+                magnitude = w.norm(dim=1, keepdim=True).expand_as(w)
+            else:
+                magnitude = column_norms[None, :].expand_as(w)
+            neuron = factor[rows, None] if axis == 0 else factor[None, :]
+            return magnitude.pow(alpha).mul_(neuron)
+
+        return score_rows
 
     def _prune_neurons(self, linears: dict[str, nn.Linear], factors: dict[str, torch.Tensor]) -> dict[str, dict]:
         """Whole MLP neurons: gate/up row j and down column j go together, by neuron score."""

@@ -38,7 +38,20 @@ TRUE_SEQUENTIAL_ORDER = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_pro
 
 @contextlib.contextmanager
 def no_tf32():
-    """TF32 matmuls would corrupt the Hessian and its inverse (the reference turns them off too)."""
+    """TF32 matmuls would corrupt the Hessian and its inverse (the reference turns them off too).
+    torch >= 2.9 has `fp32_precision`; once a process has used it, reading the legacy `allow_tf32`
+    flags raises, so the legacy flags are touched only where the new API does not exist."""
+    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn]
+    if all(hasattr(knob, "fp32_precision") for knob in knobs):
+        saved = [knob.fp32_precision for knob in knobs]
+        for knob in knobs:
+            knob.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for knob, value in zip(knobs, saved):
+                knob.fp32_precision = value
+        return
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -109,6 +122,8 @@ def prune_with_obs(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor
 
 
 class SparseGPT(PruningMethod):
+    options = ("blocksize", "percdamp", "true_sequential")
+
     def __init__(self, config: PruneConfig, share_hessians: bool = True):
         super().__init__(config)
         self.share_hessians = share_hessians
@@ -159,12 +174,13 @@ class SparseGPT(PruningMethod):
             if key not in self.hessians:
                 self.hessians[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                 self.sequences[key] = 0
-            self.hessians[key].addmm_(x.T, x)
+            with no_tf32():
+                self.hessians[key].addmm_(x.T, x)
             self.sequences[key] += inputs.shape[0] if inputs.dim() > 2 else 1
         self.input_key[name] = key
         y = outputs.detach().reshape(-1, outputs.shape[-1]).float()
         stats = self.outputs.setdefault(name, [0.0, 0.0, 0])
-        stats[0] += float((y * y).sum())
+        stats[0] = stats[0] + (y * y).sum()  # stays on the device: no sync per micro-batch for a report figure
         stats[1] = stats[1] + y.sum(dim=0)
         stats[2] += y.shape[0]
 
