@@ -16,8 +16,7 @@ SEQLEN   ?= 2048
 CALIB    ?= c4
 EVAL     ?=
 ARGS     ?=
-DEMO     := out/demo-llama
-OUT      ?= out/$(if $(MODEL),$(notdir $(MODEL)),demo-llama)-$(METHOD)-$(subst :,of,$(TYPE))-$(SPARSITY)
+OUT      ?= out/$(if $(MODEL),$(notdir $(MODEL)),demo)-$(METHOD)-$(subst :,of,$(TYPE))-$(SPARSITY)
 
 .PHONY: setup prune test bench bench-memory bench-block70b bench-quality clean
 
@@ -33,13 +32,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# With no MODEL: a small random Llama (generated locally, no network) shows the whole flow.
+# With no MODEL: a small real model (SmolLM2-135M, from a package on the package index; a random
+# Llama when that cannot be had), pruned, with dense vs pruned perplexity and a sample from each.
 prune: setup
 ifeq ($(MODEL),)
-	$(BIN)/python -m offload_prune.demo $(DEMO)
-	$(BIN)/offload-prune --model $(DEMO) --prune_method $(METHOD) --sparsity_ratio $(SPARSITY) \
-		--sparsity_type $(TYPE) --calib-data $(DEMO)/demo.txt --nsamples 16 --seqlen 128 \
-		--eval-ppl --eval-data $(DEMO)/demo.txt --save $(OUT) --overwrite $(ARGS)
+	-@$(BIN)/python -m pip install -q -e ".[demo]" 2>/dev/null || echo "(no gguf package: the demo falls back to a random model)"
+	$(BIN)/python -m offload_prune.demo --models out --save $(OUT) --prune_method $(METHOD) \
+		--sparsity_ratio $(SPARSITY) --sparsity_type $(TYPE)
 else
 	$(BIN)/offload-prune --model $(MODEL) --prune_method $(METHOD) --sparsity_ratio $(SPARSITY) \
 		--sparsity_type $(TYPE) --calib-data $(CALIB) --nsamples $(NSAMPLES) --seqlen $(SEQLEN) \

@@ -12,10 +12,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +20,8 @@ import torch
 from transformers import LlamaConfig
 
 from memory import machine
+from phases import phase_table
+from phases import run as run_offload_prune
 from synthetic import build_checkpoint
 
 LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -31,16 +30,12 @@ GIB = 2**30
 
 
 def prune_block(model: Path, save: Path, args) -> dict:
-    command = [sys.executable, "-m", "offload_prune", "--model", str(model), "--save", str(save), "--overwrite",
-               "--prune_method", "sparsegpt", "--calib-data", str(model / "demo.txt"), "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "--device", args.device, "--quiet"]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"pruning failed:\n{result.stderr[-3000:]}")
-    report = json.loads((save / "report.json").read_text())
-    report["wall_seconds"] = time.perf_counter() - start
-    return report
+    return run_offload_prune(
+        ["--model", str(model), "--prune_method", "sparsegpt", "--calib-data", str(model / "demo.txt"),
+         "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device,
+         # every phase, for the plan-vs-measured table: the head pruned, and a short evaluation
+         "--nr-prune-lm-head", "--eval-ppl", "--eval-data", str(model / "demo.txt"), "--eval-max-windows", "2"],
+        save)
 
 
 @torch.no_grad()
@@ -83,6 +78,19 @@ def statistics_time(model: Path, args, share: bool) -> dict[str, float]:
     return spent
 
 
+def compare_hessian_sharing(model: Path, args) -> None:
+    runs = {True: [], False: []}
+    for share in (True, False, True, False):  # alternate, keep the best of two each
+        runs[share].append(statistics_time(model, args, share))
+    sharing = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    for title, names in (("q/k/v and gate/up (where inputs are shared)", sharing), ("all seven linears", None)):
+        shared, per_linear = (min(sum(t for n, t in run.items() if names is None or n.endswith(names))
+                                  for run in runs[share]) for share in (True, False))
+        print(f"\nHessian accumulation, {title}: shared {shared:.2f} s, one per linear {per_linear:.2f} s, "
+              f"ratio {per_linear / shared:.2f}x", end="")
+    print("\n(and pruning factorises 4 Hessians per block instead of 7)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nsamples", type=int, default=4)
@@ -90,6 +98,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "offload-prune-bench")
     parser.add_argument("--stats-only", action="store_true", help="skip the pruning run")
+    parser.add_argument("--no-stats", action="store_true", help="skip the Hessian accumulation timing")
     args = parser.parse_args()
 
     model = args.workdir / "llama2-70b-one-block"
@@ -109,21 +118,14 @@ def main() -> None:
                   f"{module['seconds']:.1f} | {module['reconstruction_error']:.4f} |")
         plan = report["memory_plan"]
         print(f"\npeak host RSS {report['peak_host_rss_bytes'] / GIB:.2f} GiB (plan: {plan['host']['peak'] / GIB:.2f} GiB)"
-              + (f", peak CUDA memory {report['peak_device_bytes'] / GIB:.2f} GiB (plan: {plan['device']['peak'] / GIB:.2f} GiB)"
-                 if report["peak_device_bytes"] else ""))
+              + (f", peak CUDA memory {report['peak_device_bytes'] / GIB:.2f} GiB reserved "
+                 f"(plan: {plan['device']['peak'] / GIB:.2f} GiB)" if report["peak_device_bytes"] else ""))
+        print("\nplan against measured peaks, by phase:\n" + phase_table(report))
         print(f"phases: {', '.join(f'{k} {v:.0f} s' for k, v in report['seconds'].items())}; "
               f"wall {report['wall_seconds']:.0f} s")
 
-    runs = {True: [], False: []}
-    for share in (True, False, True, False):  # alternate, keep the best of two each
-        runs[share].append(statistics_time(model, args, share))
-    sharing = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-    for title, names in (("q/k/v and gate/up (where inputs are shared)", sharing), ("all seven linears", None)):
-        shared, per_linear = (min(sum(t for n, t in run.items() if names is None or n.endswith(names))
-                                  for run in runs[share]) for share in (True, False))
-        print(f"\nHessian accumulation, {title}: shared {shared:.2f} s, one per linear {per_linear:.2f} s, "
-              f"ratio {per_linear / shared:.2f}x", end="")
-    print("\n(and pruning factorises 4 Hessians per block instead of 7)")
+    if not args.no_stats:
+        compare_hessian_sharing(model, args)
 
     from offload_prune.config import PruneConfig
     from offload_prune.plan import format_plan, memory_plan
@@ -131,7 +133,7 @@ def main() -> None:
     print("\nplan for the full LLaMA-2-70B (128 x 2048 calibration tokens) on a GPU:")
     for offload in ("ram", "disk"):
         plan = memory_plan(PruneConfig(model="llama2-70b", prune_method="sparsegpt", offload_activations=offload).validate(),
-                           full, "cuda")
+                           full, "cuda", calibration_text_bytes=0, eval_windows=0)
         print(f"  activations in {offload}:")
         print("  " + format_plan(plan, "meta-llama/Llama-2-70b-hf").replace("\n", "\n  "))
 

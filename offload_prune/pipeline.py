@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ class Run:
     layout: ShardLayout
     store: ActivationStore
     head: "LmHead | None"
-    timer: PhaseMeter
+    meter: PhaseMeter
 
 
 def prune(config: PruneConfig) -> dict:
@@ -102,11 +103,11 @@ def prune(config: PruneConfig) -> dict:
     reader = CheckpointReader(config.model)  # config and shard headers only
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device, reader)
-    timer = PhaseMeter(device)
+    meter = PhaseMeter(device)
     streamed = StreamedModel(reader, device, dtype)
     check_positions(streamed, config.seqlen)
     tokenizer = load_tokenizer(reader.folder)
-    with timer("calibration"):
+    with meter("calibration"):
         windows, text_size = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen,
                                                  config.seed)
         evaluation = (evaluation_windows(config.eval_data, tokenizer, config.seqlen, config.eval_max_windows)
@@ -115,27 +116,18 @@ def prune(config: PruneConfig) -> dict:
                        process_bytes=current_host_rss_bytes())
     check_budget(plan, config)  # still before any weight is read
     method = build_method(config)
-    fingerprint = {
-        "checkpoint": reader.identity(),
-        "calibration_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-        "options": config.result_options(method.options),
-        "device": device.type,
-        "dtype": str(dtype).replace("torch.", ""),
-        "versions": {"offload_prune": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-    }
     head = LmHead(streamed) if config.nr_prune_lm_head else None
     layout = _output_layout(streamed, head)
     activation_shape = (len(windows), config.seqlen, reader.config.hidden_size)
-    activation_bytes = len(windows) * config.seqlen * reader.config.hidden_size * dtype.itemsize
+    activation_bytes = math.prod(activation_shape) * dtype.itemsize
     check_disk_space(config.save, layout, activation_bytes)
-    state = RunState.prepare(config.save, reader.folder, fingerprint, streamed.num_layers, config.overwrite,
-                             config.resume)
+    state = RunState.prepare(config.save, reader.folder, _fingerprint(config, reader, windows, method, device, dtype),
+                             streamed.num_layers, config.overwrite, config.resume)
     try:
         if state.manifest["finished"]:
             return _already_finished(state, config)
         store = ActivationStore(state.dir, activation_shape, dtype, on_disk=config.offload_activations == "disk")
-        run = Run(config, reader, device, streamed, method, state, layout, store, head, timer)
+        run = Run(config, reader, device, streamed, method, state, layout, store, head, meter)
         resumed = state.started
         try:
             _prune_and_write(run, windows)
@@ -146,24 +138,38 @@ def prune(config: PruneConfig) -> dict:
         state.release()
 
 
+def _fingerprint(config: PruneConfig, reader: CheckpointReader, windows: torch.Tensor, method: PruningMethod,
+                 device: torch.device, dtype: torch.dtype) -> dict:
+    """What identifies the job for resuming: what changes the result, by content, not by spelling."""
+    return {
+        "checkpoint": reader.identity(),
+        "calibration_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        "options": config.result_options(method.options),
+        "device": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": {"offload_prune": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
 def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
-    state, timer, quiet = run.state, run.timer, run.config.quiet
+    state, meter, quiet = run.state, run.meter, run.config.quiet
     if state.started and not quiet:
         print(f"resuming {state.save}: {state.completed_blocks} of {run.streamed.num_layers} blocks already done",
               file=sys.stderr)
     if not state.started:
-        with timer("capture"):
+        with meter("capture"):
             _capture(run, windows)
     num_layers = run.streamed.num_layers
     if state.completed_blocks < num_layers:
         layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
         inputs = run.store.open(state.completed_blocks)
-        with timer("prune"):
+        with meter("prune"):
             for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks", disable=quiet,
                               initial=state.completed_blocks, total=num_layers):
                 inputs = _prune_block(run, index, layer_kwargs[index], inputs)
     if not state.manifest["finalized"]:
-        with timer("write"):
+        with meter("write"):
             _write_outside(run)
 
 
@@ -176,13 +182,14 @@ def _already_finished(state: RunState, config: PruneConfig) -> dict:
 
 def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, dtype: torch.dtype,
                          resumed: bool) -> dict:
-    config, state, timer, device = run.config, run.state, run.timer, run.device
+    config, state, meter, device = run.config, run.state, run.meter, run.device
     report = {
         "save": str(state.save), "model": str(run.reader.folder), "method": config.prune_method,
         "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
         "options": config.result_options(run.method.options), "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "resumed": resumed,
-        "memory_plan": plan, "modules": state.modules, "totals": totals(state.modules),
+        "memory_plan": plan, "modules": state.modules, "unpruned": state.manifest["unpruned"],
+        "totals": totals(state.modules, state.manifest["unpruned"]),
         "nm_valid": all(m["nm_valid"] for m in state.modules.values()) if config.nm else None,
     }
     if evaluation is not None:
@@ -190,13 +197,13 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
                        on_disk=config.offload_activations == "disk", quiet=config.quiet)
         report["perplexity"] = {}
         for which, folder in (("dense", run.reader.folder), ("pruned", state.save)):
-            with timer(f"eval_{which}"):
+            with meter(f"eval_{which}"):
                 report["perplexity"][which] = perplexity(CheckpointReader(str(folder)), evaluation, device, dtype,
                                                          label=f"eval {which}", **options)
-    report["seconds"] = timer.seconds
-    report["phase_peaks"] = timer.peaks
-    report["peak_host_rss_bytes"] = timer.overall("host")
-    report["peak_device_bytes"] = timer.overall("device_reserved")
+    report["seconds"] = meter.seconds
+    report["phase_peaks"] = meter.peaks
+    report["peak_host_rss_bytes"] = meter.overall("host")
+    report["peak_device_bytes"] = meter.overall("device_reserved")
     record = durable.write_text(state.save / REPORT_NAME, json.dumps(report, indent=1, default=str) + "\n")
     state.commit(outputs={REPORT_NAME: record}, stage=run.streamed.num_layers + 1, finished=True)
     if not config.quiet:
@@ -247,12 +254,15 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     prefix = f"{run.streamed.layers_path}.{index}."
     modules = {prefix + name: {**module_stats(tensors[prefix + name + ".weight"], config.nm),
                                "rule": method.rule(name), **method_info.get(name, {})} for name in linears}
+    # Every other weight matrix of the block counts in the totals too, so they show what was written.
+    unpruned = {name.removesuffix(".weight"): module_stats(tensor, None) for name, tensor in tensors.items()
+                if tensor.dim() >= 2 and tensor.is_floating_point() and name.removesuffix(".weight") not in modules}
     outputs = run.layout.write_unit(1 + index, state.save, tensors)
     run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
     if not last:
         run_files[run.store.name(index + 1)] = run.store.commit(index + 1)
     state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
-                 modules={**state.modules, **modules})
+                 modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned})
     run.streamed.unload_block(index)
     return run.store.tensor
 

@@ -20,9 +20,11 @@ def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None) -> dict:
     return stats
 
 
-def totals(modules: dict[str, dict]) -> dict[str, dict]:
+def totals(modules: dict[str, dict], unpruned: dict[str, dict]) -> dict[str, dict]:
+    """Weights and zeros by kind (attention, mlp, ...) and over `all` the weight matrices in the blocks,
+    pruned (`modules`) or not (`unpruned`), and the pruned head when there is one."""
     out: dict[str, dict] = {}
-    for name, stats in modules.items():
+    for name, stats in {**unpruned, **modules}.items():
         for kind in (module_kind(name), "all"):
             entry = out.setdefault(kind, {"modules": 0, "numel": 0, "zeros": 0})
             entry["modules"] += 1
@@ -33,28 +35,27 @@ def totals(modules: dict[str, dict]) -> dict[str, dict]:
     return dict(sorted(out.items(), key=lambda item: item[0] == "all"))
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_host_rss_bytes() -> int:
     """Peak RSS of this process since the last reset. VmHWM belongs to the current address space;
     ru_maxrss would also count the parent's RSS at fork, which Linux carries across exec."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # macOS: bytes
 
 
 def current_host_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_host_rss_bytes()
+    current = _status_bytes("VmRSS")
+    return current if current is not None else peak_host_rss_bytes()
 
 
 def reset_peak_host_rss() -> bool:
@@ -118,6 +119,10 @@ def format_summary(report: dict) -> str:
     for stats in report["modules"].values():
         rules[stats.get("rule", "?")] = rules.get(stats.get("rule", "?"), 0) + 1
     lines.append("  pruned by: " + ", ".join(f"{rule} {count} modules" for rule, count in sorted(rules.items())))
+    if report.get("unpruned"):
+        weights = sum(stats["numel"] for stats in report["unpruned"].values())
+        lines.append(f"  not pruned: {len(report['unpruned'])} weight matrices in the blocks ({weights:,} weights), "
+                     "counted in the totals above")
     if report.get("nm_valid") is not None:
         lines.append(f"  N:M pattern valid in every module: {report['nm_valid']}")
     for which in ("dense", "pruned"):
@@ -126,8 +131,10 @@ def format_summary(report: dict) -> str:
             lines.append(f"  perplexity {which:<7} {ppl['ppl']:.4f} ({ppl['windows']} windows x {ppl['seqlen']} tokens)")
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
     lines.append(f"  time: {phases}")
-    lines.append(f"  peak host RSS {_gib(report['peak_host_rss_bytes'])}, "
-                 f"peak device memory {_gib(report['peak_device_bytes'])} reserved "
-                 f"(plan: host {_gib(report['memory_plan']['host']['peak'])}, "
-                 f"device {_gib(report['memory_plan']['device']['peak'])})")
+    plan = report["memory_plan"]
+    memory = f"  peak host RSS {_gib(report['peak_host_rss_bytes'])} (plan {_gib(plan['host']['peak'])})"
+    if report["peak_device_bytes"] is not None:
+        memory += (f", peak device memory {_gib(report['peak_device_bytes'])} reserved "
+                   f"(plan {_gib(plan['device']['peak'])})")
+    lines.append(memory)
     return "\n".join(lines)

@@ -35,7 +35,7 @@ MANIFEST = "manifest.json"
 
 def _fresh(fingerprint: dict) -> dict:
     return {"fingerprint": fingerprint, "captured": False, "completed_blocks": 0, "finalized": False,
-            "finished": False, "outputs": {}, "run_files": {}, "modules": {}}
+            "finished": False, "outputs": {}, "run_files": {}, "modules": {}, "unpruned": {}}
 
 
 class RunState:

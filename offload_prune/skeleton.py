@@ -214,7 +214,7 @@ class StreamedModel:
         ids = input_ids.to(self.device)
         targets = ids[0, 1:]
         chunked = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        total = torch.zeros((), device=self.device)  # float32: no float64 on a GPU; one sync per window
         with self._layers_replaced(stand_ins):
             for start in range(0, targets.numel(), chunk if chunked else targets.numel()):
                 positions = torch.arange(start, min(start + chunk, targets.numel()), device=self.device)

@@ -145,6 +145,13 @@ def test_module_selection(checkpoint_factory, tmp_path, flags, layers, kinds, he
     for name, tensor in written.items():
         pruned = name.removesuffix(".weight") in expected or name in expected
         assert torch.equal(tensor, original[name]) != pruned, name
+    # The totals are those of the written tensors: every weight matrix in the blocks, pruned or not
+    # (and the head when it was pruned), so pruning a part can never read as the whole at 50 %.
+    counted = [t for n, t in written.items() if (n.startswith("model.layers.") and t.dim() >= 2)
+               or (head and n == "lm_head.weight")]
+    assert report["totals"]["all"]["numel"] == sum(t.numel() for t in counted)
+    assert report["totals"]["all"]["zeros"] == sum(int((t == 0).sum()) for t in counted)
+    assert (report["totals"]["all"]["sparsity"] < 0.45) == (set(kinds) != set(ATTENTION + MLP) or len(layers) < 4)
 
 
 def test_tied_lm_head_is_untied_and_pruned(checkpoint_factory, tmp_path):
