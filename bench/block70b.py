@@ -114,6 +114,8 @@ def main() -> None:
         print("| linear | shape | seconds | reconstruction error |")
         print("|---|---|---|---|")
         for name, module in report["modules"].items():
+            if "seconds" not in module:  # the head, pruned by magnitude for the phase table
+                continue
             print(f"| {name.split('layers.0.')[1]} | {module['shape'][0]} x {module['shape'][1]} | "
                   f"{module['seconds']:.1f} | {module['reconstruction_error']:.4f} |")
         plan = report["memory_plan"]

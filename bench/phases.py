@@ -2,6 +2,7 @@
 
     python bench/phases.py --preset smollm2   # SmolLM2-135M (../shared/assets/get_smollm2.sh), ~6 min on 2 cores
     python bench/phases.py --model DIR [offload-prune flags...]
+    python bench/phases.py --replan OUT/report.json   # a finished run's peaks against today's plan for it
 
 Each run is a fresh `offload-prune` process; report.json holds the plan (`memory_plan.phases`) and
 the peak of each phase (`phase_peaks`: host VmHWM reset at each phase start, and on CUDA the
@@ -56,12 +57,33 @@ def phase_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def replan(report: dict) -> dict:
+    """The report with its plan recomputed by the current plan.py, from the inputs the run planned with."""
+    from transformers import AutoConfig
+
+    from offload_prune.config import PruneConfig
+    from offload_prune.plan import TOKENIZE_BYTES_PER_TEXT_BYTE, memory_plan
+    old = report["memory_plan"]
+    hosts = {name: phase["host_parts"] for name, phase in old["phases"].items()}
+    options = {k: v for k, v in report["options"].items() if k != "prune_method"}
+    config = PruneConfig(model=report["model"], prune_method=report["method"], **options,
+                         offload_activations="ram" if "activation_cache" in hosts["prune"] else "disk").validate()
+    text = hosts["calibration"].get("text_and_tokens", 0) // TOKENIZE_BYTES_PER_TEXT_BYTE
+    plan = memory_plan(config, AutoConfig.from_pretrained(report["model"]), old["device_type"], text,
+                       old.get("eval_windows", 0), process_bytes=hosts["calibration"]["process"])
+    return {**report, "memory_plan": plan}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replan", type=Path, help="a finished run's report.json")
     parser.add_argument("--preset", choices=PRESETS)
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     parser.add_argument("--out", type=Path, default=Path("out"))
     args, flags = parser.parse_known_args()
+    if args.replan:
+        print(phase_table(replan(json.loads(args.replan.read_text()))))
+        return
     flags = PRESETS[args.preset] + flags if args.preset else flags
     print(f"machine: {machine()}")
     print(f"offload-prune {' '.join(flags)}\n")

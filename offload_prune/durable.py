@@ -178,13 +178,6 @@ def checksum(path: Path) -> FileRecord:
     return FileRecord(path.stat().st_size, crc)
 
 
-def checksum_buffer(data: memoryview) -> FileRecord:
-    crc = 0
-    for start in range(0, len(data), _CHUNK):
-        crc = zlib.crc32(data[start:start + _CHUNK], crc)
-    return FileRecord(len(data), crc)
-
-
 def damage(path: Path, expected: dict) -> str | None:
     """Why `path` is not the file recorded as `expected` (a FileRecord dict), or None if it is."""
     if not path.is_file():

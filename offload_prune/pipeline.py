@@ -202,6 +202,7 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
                                                          label=f"eval {which}", **options)
     report["seconds"] = meter.seconds
     report["phase_peaks"] = meter.peaks
+    report["phase_peaks_are_per_phase"] = meter.host_resets  # False: VmHWM could not be reset (not Linux)
     report["peak_host_rss_bytes"] = meter.overall("host")
     report["peak_device_bytes"] = meter.overall("device_reserved")
     record = durable.write_text(state.save / REPORT_NAME, json.dumps(report, indent=1, default=str) + "\n")

@@ -6,11 +6,12 @@ its own line, for the compute device and for the host, with the parts that make 
 
 - calibration: the text and its tokenization (measured: 138-228 bytes per byte of text);
 - capture:     the embedding (its stored tensor while it is converted), one window's hidden states;
-- prune:       one block in the compute dtype (its stored tensors while they load), the method's
-               statistics and prune workspace, one micro-batch of activations; then the block's
-               stored copy and its serialized shard while it is written;
-- write:       the tensors outside the blocks, their serialized shard, the head's prune workspace;
-- eval:        embedding, head, one block, one micro-batch, and the logits of one chunk of positions.
+- prune:       the largest of its steps: loading a block (stored and compute copies), collecting
+               statistics and pruning (block, the method's statistics and workspace, one
+               micro-batch), writing it (block, its stored copy, one tensor being serialized);
+- write:       the tensors outside the blocks, one being serialized, the head's prune workspace;
+- eval:        the largest of: the embedding step, one block with one micro-batch, and embedding
+               and head with the logits of one chunk of positions.
 
 The host always holds the process itself and, with `--offload-activations ram`, the activation
 cache. On the CPU the compute device is the host: device parts are host memory too. The test
@@ -86,31 +87,46 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     outside += head if tied and config.nr_prune_lm_head else 0
     micro_batch = micro_batch_bytes(config, model_config, compute.itemsize)
     window = config.seqlen * hidden * compute.itemsize
+    largest_in_block = max(p.numel() for p in block.parameters())
+    block_compute, block_stored = block_numel * compute.itemsize, block_numel * stored.itemsize
+    head_apart = head if not tied or config.nr_prune_lm_head else 0  # a pruned tied head becomes its own tensor
+    embed_step = ({"embedding": embedding * compute.itemsize, "window": 4 * window},
+                  {"stored_embedding": embedding * stored.itemsize})
 
-    # (device parts, host-only parts) per phase; the process and the activation caches come on top.
-    phases: dict[str, tuple[dict, dict]] = {
-        "calibration": ({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE}),
-        "capture": ({"embedding": embedding * compute.itemsize, "window": 4 * window},
-                    {"stored_embedding": embedding * stored.itemsize}),
-        "prune": ({"block_weights": block_numel * compute.itemsize,
-                   "method_peak": max(method["statistics"], method["prune"]), "micro_batch": micro_batch},
-                  {"stored_block_and_shard": 2 * block_numel * stored.itemsize}),
-        "write": ({"head_prune_chunk": chunk_workspace_bytes(head) if config.nr_prune_lm_head else 0},
-                  {"outside_tensors_and_shard": 2 * outside * stored.itemsize}),
-        "eval": ({"embedding_and_head": (embedding + (0 if tied else head)) * compute.itemsize,
-                  "block_weights": block_numel * compute.itemsize, "micro_batch": micro_batch,
-                  "logits_chunk": 3 * logits_chunk_positions(vocab) * vocab * 4},
-                 {"stored_block": block_numel * stored.itemsize}),
+    # Per phase, its steps one after another, each as (device parts, host-only parts): the phase's
+    # peak is its largest step. The process and the activation caches come on top.
+    phases: dict[str, list[tuple[dict, dict]]] = {
+        "calibration": [({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE})],
+        "capture": [embed_step],
+        "prune": [({"block_weights": block_compute}, {"stored_block": block_stored}),  # load
+                  ({"block_weights": block_compute, "method_peak": max(method["statistics"], method["prune"]),
+                    "micro_batch": micro_batch}, {}),  # statistics, prune, propagate
+                  ({"block_weights": block_compute},  # write: the stored copy, one tensor serialized at a time
+                   {"stored_block": block_stored, "serialized_tensor": largest_in_block * stored.itemsize})],
+        "write": [({"head_prune_chunk": chunk_workspace_bytes(head) if config.nr_prune_lm_head else 0},
+                   {"outside_tensors": outside * stored.itemsize,
+                    "serialized_tensor": max(embedding, head) * stored.itemsize})],
+        "eval": [embed_step,
+                 ({"block_weights": block_compute, "micro_batch": micro_batch}, {"stored_block": block_stored}),
+                 ({"embedding_and_head": (embedding + head_apart) * compute.itemsize,
+                   "logits_chunk": 3 * logits_chunk_positions(vocab) * vocab * 4},
+                  {"stored_embedding_and_head": (embedding + head_apart) * stored.itemsize})],
     }
     device_plan, host_plan = {}, {}
-    for name, (device_parts, host_parts) in phases.items():
-        device_parts = {k: v for k, v in device_parts.items() if v}
+    for name, steps in phases.items():
         caches = {"activation_cache": cache if in_ram and name in ("capture", "prune") else 0,
                   "eval_cache": eval_cache if in_ram and name == "eval" else 0}
-        host_parts = {"process": process_bytes, **{k: v for k, v in caches.items() if v},
-                      **{k: v for k, v in host_parts.items() if v}, **(device_parts if on_cpu else {})}
-        device_plan[name] = {**device_parts, "peak": sum(device_parts.values())}
-        host_plan[name] = {**host_parts, "peak": sum(host_parts.values())}
+        fixed = {"process": process_bytes, **{k: v for k, v in caches.items() if v}}
+        devices, hosts = [], []
+        for device_parts, host_parts in steps:
+            device_parts = {k: v for k, v in device_parts.items() if v}
+            host = {**fixed, **{k: v for k, v in host_parts.items() if v}}
+            for key, value in (device_parts.items() if on_cpu else ()):
+                host[key] = host.get(key, 0) + value
+            devices.append({**device_parts, "peak": sum(device_parts.values())})
+            hosts.append({**host, "peak": sum(host.values())})
+        device_plan[name] = max(devices, key=lambda parts: parts["peak"])
+        host_plan[name] = max(hosts, key=lambda parts: parts["peak"])
     if not eval_windows:
         del device_plan["eval"], host_plan["eval"]
     device_phase = max(device_plan, key=lambda p: device_plan[p]["peak"])

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from .hostmem import release_free_memory
 from .masks import nm_valid
 from .selection import module_kind
 
@@ -81,6 +82,7 @@ class PhaseMeter:
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
+        release_free_memory()  # what the last phase freed is not this phase's peak
         self.host_resets &= reset_peak_host_rss()
         cuda = self.device.type == "cuda"
         if cuda:

@@ -187,6 +187,7 @@ class SparseGPT(PruningMethod):
     def _output_energy(self, name: str, bias: torch.Tensor | None) -> float:
         """sum over tokens of ||W x||^2, the bias taken out of the recorded outputs y = W x + b."""
         squares, sums, tokens = self.outputs.pop(name)
+        squares = float(squares)  # one device sync per linear, at prune time
         if bias is None:
             return squares
         b = bias.float()
