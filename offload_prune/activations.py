@@ -76,6 +76,9 @@ class ActivationStore:
         self.tensor, self._output = self._output, None
         return record
 
+    def release(self) -> None:
+        self.tensor = self._output = None
+
     @staticmethod
     def _bytes(tensor: torch.Tensor) -> memoryview:
         return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

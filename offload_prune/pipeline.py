@@ -133,6 +133,7 @@ def prune(config: PruneConfig) -> dict:
             _prune_and_write(run, windows)
         except DiskFullError as exc:
             raise OffloadPruneError(disk_full_message(exc, state.save, layout, activation_bytes)) from None
+        store.release()  # the calibration activations are not needed by the evaluation
         return _evaluate_and_report(run, evaluation, plan, dtype, resumed)
     finally:
         state.release()
