@@ -47,7 +47,8 @@ def statistics_time(model: Path, args, share: bool) -> dict[str, float]:
     from offload_prune.checkpoint import CheckpointReader
     from offload_prune.config import PruneConfig
     from offload_prune.methods.sparsegpt import SparseGPT
-    from offload_prune.pipeline import _collect, find_linears
+    from offload_prune.matrices import describe, find_matrices
+    from offload_prune.pipeline import _collect
     from offload_prune.skeleton import StreamedModel
 
     device = torch.device(args.device)
@@ -74,7 +75,9 @@ def statistics_time(model: Path, args, share: bool) -> dict[str, float]:
         spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
 
     method.add_batch = timed
-    _collect(method, block, find_linears(block), kwargs, x, options, device)
+    matrices = find_matrices(block)
+    describe(block, matrices)
+    _collect(method, block, matrices, kwargs, x, options, device)
     return spent
 
 

@@ -50,7 +50,7 @@ def child_in_memory(model: Path, save: Path, nsamples: int, seqlen: int) -> dict
     from offload_prune.calibration import load_text, sample_windows, tokenize
     from offload_prune.config import PruneConfig
     from offload_prune.methods import build_method
-    from offload_prune.pipeline import find_linears
+    from offload_prune.matrices import describe, find_matrices
     from offload_prune.skeleton import run_windows
 
     start = time.perf_counter()
@@ -77,7 +77,8 @@ def child_in_memory(model: Path, save: Path, nsamples: int, seqlen: int) -> dict
     layers[0] = first
     hidden = torch.cat(caught)
     for layer in layers:
-        linears = find_linears(layer)
+        linears = find_matrices(layer)
+        describe(layer, linears)
         hooks = [m.register_forward_hook(lambda mod, a, out, n=n: method.add_batch(n, a[0], out))
                  for n, m in linears.items()]
         run_windows(layer, kwargs, hidden, None, 1, torch.device("cpu"))

@@ -13,12 +13,15 @@ def build_checkpoint(folder: Path, config, shard_bytes: int = 1 << 30) -> int:
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     from offload_prune.demo import byte_tokenizer, demo_text
 
     folder.mkdir(parents=True, exist_ok=True)
     with init_empty_weights():
-        shapes = {n: t.shape for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        model = AutoModelForCausalLM.from_config(config)
+        # The hub's layout (what save_pretrained writes): per-expert tensors for most MoE models.
+        shapes = {n: t.shape for n, t in revert_weight_conversion(model, model.state_dict()).items()}
     generator = torch.Generator().manual_seed(0)
     shards, current, size = [], {}, 0
     for name, shape in shapes.items():

@@ -78,6 +78,10 @@ def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:
                            action="store_false", help="prune the MLP only")
     _flag(parser, "nr-prune-lm-head", action="store_true", help="also prune lm_head by magnitude (untied if tied)")
     _flag(parser, "pruning_last", type=int, default=None, help="prune only the MLPs of the last N blocks")
+    _flag(parser, "prune-router", action="store_true",
+          help="also prune Mixture-of-Experts routers and shared-expert gates (dense by default)")
+    _flag(parser, "expert-min-tokens", type=int, default=32,
+          help="an expert routed fewer calibration tokens than this is pruned by magnitude (default 32)")
     _flag(parser, "hybrid-mlp-method", default="neuronrank_tfidf", choices=("neuronrank_tfidf", "neuronrank_old"),
           help="the MLP method of --prune_method hybrid (attention uses Wanda)")
 

@@ -52,6 +52,9 @@ class PruneConfig:
     nr_prune_lm_head: bool = False
     pruning_last: int | None = None
     hybrid_mlp_method: str = "neuronrank_tfidf"
+    # Mixture-of-Experts
+    prune_router: bool = False
+    expert_min_tokens: int = 32
     # Budgets checked against the memory plan before any weight is read (bytes; None = no limit).
     max_device_memory: int | None = None
     max_host_memory: int | None = None
@@ -79,6 +82,8 @@ class PruneConfig:
             raise OffloadPruneError("--hybrid-mlp-method must be neuronrank_tfidf or neuronrank_old")
         if not 0.0 <= self.nr_q_active < 1.0:
             raise OffloadPruneError(f"--nr-q-active must be in [0, 1), got {self.nr_q_active}")
+        if self.expert_min_tokens < 1:
+            raise OffloadPruneError(f"--expert-min-tokens must be >= 1, got {self.expert_min_tokens}")
         if self.nr_tfidf_k < 1 or (self.pruning_last is not None and self.pruning_last < 1):
             raise OffloadPruneError("--nr-tfidf-k and --pruning_last must be >= 1")
         if self.nm is not None and self.prune_method == "sparsegpt" and self.blocksize % self.nm[1]:
@@ -108,7 +113,8 @@ class PruneConfig:
         """The options that change the pruned weights, as the method reads them: what a resumed run
         must share. Paths, device and dtype spellings are identified elsewhere, by what they resolve to."""
         names = ["prune_method", "sparsity_type", "nsamples", "seqlen", "seed", "micro_batch_size",
-                 "nr_include_attention", "pruning_last", "nr_prune_lm_head", *method_options]
+                 "nr_include_attention", "pruning_last", "nr_prune_lm_head", "prune_router", "expert_min_tokens",
+                 *method_options]
         if self.nm is None:  # N:M fixes the ratio itself
             names.insert(1, "sparsity_ratio")
         return {name: getattr(self, name) for name in names}

@@ -29,13 +29,14 @@ from .config import OffloadPruneError, PruneConfig
 from .diskspace import check_disk_space, disk_full_message
 from .durable import DiskFullError
 from .evaluate import evaluation_windows, perplexity
-from .hostmem import keep_large_allocations_mmapped
+from .hostmem import keep_large_allocations_mmapped, long_lived_objects_frozen
 from .methods import PruningMethod, build_method
 from .masks import zero_lowest
+from .matrices import Matrix, describe, find_matrices, observe
 from .plan import check_budget, memory_plan
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import RunState
-from .selection import selected_linears
+from .selection import selected_matrices
 from .skeleton import StreamedModel, run_windows
 
 LAYER_KWARGS = "layer_kwargs.pt"
@@ -60,10 +61,6 @@ def pick_dtype(requested: str, device: torch.device, reader: CheckpointReader) -
         return torch.float32
     stored = [d for d in reader.dtypes.values() if d.is_floating_point]
     return max(set(stored), key=stored.count) if stored else torch.float32
-
-
-def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
 
 
 def check_positions(streamed: StreamedModel, seqlen: int) -> None:
@@ -105,6 +102,12 @@ def prune(config: PruneConfig) -> dict:
     dtype = pick_dtype(config.dtype, device, reader)
     meter = PhaseMeter(device)
     streamed = StreamedModel(reader, device, dtype)
+    with long_lived_objects_frozen():
+        return _run(config, reader, device, dtype, meter, streamed)
+
+
+def _run(config: PruneConfig, reader: CheckpointReader, device: torch.device, dtype: torch.dtype, meter: PhaseMeter,
+         streamed: StreamedModel) -> dict:
     check_positions(streamed, config.seqlen)
     tokenizer = load_tokenizer(reader.folder)
     with meter("calibration"):
@@ -241,25 +244,36 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     """Load, collect, prune, propagate, write and commit block `index`; returns the next block's inputs."""
     config, method, device, state = run.config, run.method, run.device, run.state
     block = run.streamed.load_block(index)
-    linears = selected_linears(find_linears(block), index, run.streamed.num_layers, config)
+    matrices = find_matrices(block)
+    describe(block, matrices, probe=lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
+    chosen = selected_matrices(matrices, index, run.streamed.num_layers, config)
     method_info: dict[str, dict] = {}
-    for group in (method.groups(linears) if linears else []):
-        members = {n: linears[n] for n in group}
+    for group in (method.groups(chosen) if chosen else []):
+        members = {n: chosen[n] for n in group}
+        tokens: dict[str, int] = {}
         for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
             method.start_pass(calibration_pass)
-            _collect(method, block, members, layer_kwargs, inputs, config, device)
-        method_info.update(method.prune(members))
+            _collect(method, block, members, layer_kwargs, inputs, config, device,
+                     tokens if calibration_pass == 0 else None)
+        starved = _starved_experts(members, tokens, config) if method.needs_calibration else {}
+        if starved:
+            method_info.update(_prune_by_magnitude(method, starved, tokens, config))
+        rest = {n: m for n, m in members.items() if n not in starved}
+        if rest:
+            method_info.update(method.prune(rest))
+        for name in members:  # what each expert was pruned from
+            if members[name].expert is not None and tokens:
+                method_info.setdefault(name, {})["routed_tokens"] = tokens.get(name, 0)
     last = index + 1 == run.streamed.num_layers
     if not last:  # the last block's outputs feed nothing
         run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device)
-    tensors = run.streamed.block_tensors(index)
-    prefix = f"{run.streamed.layers_path}.{index}."
-    modules = {prefix + name: {**module_stats(tensors[prefix + name + ".weight"], config.nm),
-                               "rule": method.rule(name), **method_info.get(name, {})} for name in linears}
-    # Every other weight matrix of the block counts in the totals too, so they show what was written.
-    unpruned = {name.removesuffix(".weight"): module_stats(tensor, None) for name, tensor in tensors.items()
-                if tensor.dim() >= 2 and tensor.is_floating_point() and name.removesuffix(".weight") not in modules}
-    outputs = run.layout.write_unit(1 + index, state.save, tensors)
+    prefix = run.streamed.block_prefix(index)
+    # Counted in the dtype they are written in; every other weight matrix of the block counts in the totals too.
+    stats = {name: {**module_stats(run.streamed.as_stored(prefix, m), config.nm if name in chosen else None),
+                    "kind": m.kind} for name, m in matrices.items()}
+    modules = {prefix + n: {**stats[n], "rule": method.rule(n), **method_info.get(n, {})} for n in chosen}
+    unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
+    outputs = run.layout.write_unit(1 + index, state.save, run.streamed.block_tensors(index))
     run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
     if not last:
         run_files[run.store.name(index + 1)] = run.store.commit(index + 1)
@@ -269,6 +283,22 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     return run.store.tensor
 
 
+def _starved_experts(members: dict[str, Matrix], tokens: dict[str, int], config: PruneConfig) -> dict[str, Matrix]:
+    return {n: m for n, m in members.items() if m.expert is not None and tokens.get(n, 0) < config.expert_min_tokens}
+
+
+@torch.no_grad()
+def _prune_by_magnitude(method: PruningMethod, starved: dict[str, Matrix], tokens: dict[str, int],
+                        config: PruneConfig) -> dict[str, dict]:
+    """Experts the router sent too few calibration tokens to: their statistics say little, so their
+    weights are pruned by magnitude (one threshold per matrix, as --prune_method magnitude)."""
+    method.discard(list(starved))
+    for matrix in starved.values():
+        zero_lowest(matrix.weight, lambda rows, w=matrix.weight: w[rows].float().abs(), config.sparsity_ratio,
+                    config.nm, per_row=False)
+    return {n: {"rule": "magnitude", "routed_tokens": tokens.get(n, 0), "fallback": True} for n in starved}
+
+
 def _write_outside(run: Run) -> None:
     """Tensors outside the blocks (copied, or the pruned head), index, config/tokenizer files."""
     reader, head, state = run.reader, run.head, run.state
@@ -276,7 +306,8 @@ def _write_outside(run: Run) -> None:
     modules = dict(state.modules)
     if head:
         outside[head.name] = head.prune(reader.read([head.source])[head.source], run.config, run.device)
-        modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude"}
+        modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude",
+                              "kind": "lm_head"}
     outputs = run.layout.write_unit(0, state.save, outside)
     outputs[INDEX_NAME] = durable.write_text(state.save / INDEX_NAME, run.layout.index_text())
     for path in side_files(reader.folder):
@@ -294,9 +325,13 @@ class LmHead:
     def __init__(self, streamed: StreamedModel):
         model = streamed.model
         paths = {module: path for path, module in model.named_modules()}
-        self.name = paths[model.get_output_embeddings()] + ".weight"
-        tied = self.name not in streamed.reader.weight_map
-        self.source = paths[model.get_input_embeddings()] + ".weight" if tied else self.name
+        head = paths[model.get_output_embeddings()] + ".weight"
+        embedding = paths[model.get_input_embeddings()] + ".weight"
+        own = streamed.checkpoint_name(head)  # GPT-NeoX stores its head as embed_out
+        if own is None and streamed.checkpoint_name(embedding) is None:
+            raise OffloadPruneError(f"--nr-prune-lm-head: {head} is not stored as one tensor in this checkpoint")
+        self.name = own or head
+        self.source = own or streamed.checkpoint_name(embedding)
 
     @torch.no_grad()
     def prune(self, weight: torch.Tensor, config: PruneConfig, device: torch.device) -> torch.Tensor:
@@ -312,15 +347,16 @@ def untied_config_text(config_path) -> str:
     return json.dumps(config, indent=2) + "\n"
 
 
-def _collect(method, block: nn.Module, linears: dict[str, nn.Linear], kwargs: dict, inputs: torch.Tensor,
-             config: PruneConfig, device: torch.device) -> None:
-    """One pass of the calibration windows through the block with the method's statistics hooked in."""
-    def hook(name):
-        def observe(module, args, output) -> None:  # returning None keeps the layer's output as it is
-            method.add_batch(name, args[0], output)
-        return observe
+def _collect(method, block: nn.Module, matrices: dict[str, Matrix], kwargs: dict, inputs: torch.Tensor,
+             config: PruneConfig, device: torch.device, tokens: dict[str, int] | None = None) -> None:
+    """One pass of the calibration windows through the block with the method's statistics hooked in;
+    `tokens` (when given) counts the tokens each matrix saw (an expert: those routed to it)."""
+    def observe_batch(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        if tokens is not None:
+            tokens[name] = tokens.get(name, 0) + x.numel() // x.shape[-1]
+        method.add_batch(name, x, y)
 
-    handles = [linear.register_forward_hook(hook(name)) for name, linear in linears.items()]
+    handles = observe(matrices, observe_batch, method.weights_by_router)
     try:
         run_windows(block, kwargs, inputs, None, config.micro_batch_size, device)
     finally:

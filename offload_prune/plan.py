@@ -20,11 +20,12 @@ suite checks each phase against the peak a run measures (report.json, `phase_pea
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .config import OffloadPruneError, PruneConfig
 from .masks import chunk_workspace_bytes
+from .matrices import describe, find_matrices
 from .methods import build_method
+from .selection import selected_matrices
 from .skeleton import build_skeleton
 
 #: RSS of the Python process with torch and transformers imported, measured on CPU (report.json of
@@ -73,8 +74,10 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     on_cpu = device_type == "cpu"
     in_ram = config.offload_activations == "ram"
     block_numel = sum(p.numel() for p in block.parameters())
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    method = build_method(config).memory_bytes(linears, compute)
+    matrices = find_matrices(block)
+    describe(block, matrices)
+    chosen = selected_matrices(matrices, len(layers) - 1, len(layers), config) or matrices
+    method = build_method(config).memory_bytes(chosen, compute)
     hidden, vocab = model_config.hidden_size, model_config.vocab_size
     cache = config.nsamples * config.seqlen * hidden * compute.itemsize
     eval_cache = eval_windows * config.seqlen * hidden * compute.itemsize

@@ -9,7 +9,6 @@ import torch
 
 from .hostmem import release_free_memory
 from .masks import nm_valid
-from .selection import module_kind
 
 
 def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None) -> dict:
@@ -22,11 +21,11 @@ def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None) -> dict:
 
 
 def totals(modules: dict[str, dict], unpruned: dict[str, dict]) -> dict[str, dict]:
-    """Weights and zeros by kind (attention, mlp, ...) and over `all` the weight matrices in the blocks,
-    pruned (`modules`) or not (`unpruned`), and the pruned head when there is one."""
+    """Weights and zeros by kind (attention, mlp, router, lm_head) and over `all` the weight matrices in
+    the blocks, pruned (`modules`) or not (`unpruned`), and the pruned head when there is one."""
     out: dict[str, dict] = {}
     for name, stats in {**unpruned, **modules}.items():
-        for kind in (module_kind(name), "all"):
+        for kind in (stats["kind"], "all"):
             entry = out.setdefault(kind, {"modules": 0, "numel": 0, "zeros": 0})
             entry["modules"] += 1
             entry["numel"] += stats["numel"]
@@ -121,6 +120,10 @@ def format_summary(report: dict) -> str:
     for stats in report["modules"].values():
         rules[stats.get("rule", "?")] = rules.get(stats.get("rule", "?"), 0) + 1
     lines.append("  pruned by: " + ", ".join(f"{rule} {count} modules" for rule, count in sorted(rules.items())))
+    fallback = [stats for stats in report["modules"].values() if stats.get("fallback")]
+    if fallback:
+        lines.append(f"  experts pruned by magnitude: {len(fallback)} matrices whose expert was routed fewer than "
+                     f"--expert-min-tokens {report['options']['expert_min_tokens']} calibration tokens")
     if report.get("unpruned"):
         weights = sum(stats["numel"] for stats in report["unpruned"].values())
         lines.append(f"  not pruned: {len(report['unpruned'])} weight matrices in the blocks ({weights:,} weights), "

@@ -1,20 +1,9 @@
-"""Which linear layers of a block are pruned: the seeds' module-selection flags, for every method."""
+"""Which weight matrices of a block are pruned: the seeds' module-selection flags, for every method,
+by the role the block's own forward gives each matrix (attention, mlp, router)."""
 from __future__ import annotations
 
-from torch import nn
-
 from .config import PruneConfig
-
-
-def module_kind(name: str) -> str:
-    lowered = name.lower()
-    if "attn" in lowered or "attention" in lowered:
-        return "attention"
-    if "mlp" in lowered or "feed_forward" in lowered or "ffn" in lowered:
-        return "mlp"
-    if "lm_head" in lowered:
-        return "lm_head"
-    return "other"
+from .matrices import Matrix
 
 
 def mlp_only(config: PruneConfig) -> bool:
@@ -23,8 +12,11 @@ def mlp_only(config: PruneConfig) -> bool:
     return config.pruning_last is not None or not config.nr_include_attention or config.sparsity_type == "structured"
 
 
-def selected_linears(linears: dict[str, nn.Linear], layer_index: int, num_layers: int,
-                     config: PruneConfig) -> dict[str, nn.Linear]:
+def selected_matrices(matrices: dict[str, Matrix], layer_index: int, num_layers: int,
+                      config: PruneConfig) -> dict[str, Matrix]:
     if config.pruning_last is not None and layer_index < num_layers - config.pruning_last:
         return {}
-    return {n: m for n, m in linears.items() if not mlp_only(config) or module_kind(n) == "mlp"}
+    wanted = {"mlp"} if mlp_only(config) else {"mlp", "attention"}
+    if config.prune_router and config.sparsity_type != "structured":
+        wanted.add("router")
+    return {n: m for n, m in matrices.items() if m.kind in wanted}

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from .checkpoint import CheckpointReader
 from .config import OffloadPruneError
+from .tensormap import TensorMap
 
 
 class _StopForward(Exception):
@@ -29,15 +30,16 @@ class _StopForward(Exception):
 class _Recorder(nn.Module):
     """Stands in for decoder layer `index`: keeps the keyword arguments it is called with."""
 
-    def __init__(self, index: int, sink: "StreamedModel", last: bool):
+    def __init__(self, index: int, sink: "StreamedModel", last: bool, layer: nn.Module):
         super().__init__()
         self.index, self.sink, self.last = index, sink, last
+        # Positional arguments after the hidden states (GPT-2 passes the mask so) are kept by name.
+        self.names = list(inspect.signature(layer.forward).parameters)[1:]
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise OffloadPruneError("decoder layers called with positional arguments beyond the hidden "
-                                    "states are not supported")
-        self.sink._record(self.index, hidden_states, kwargs)
+        if len(args) > len(self.names):
+            raise OffloadPruneError("decoder layers called with more positional arguments than they declare")
+        self.sink._record(self.index, hidden_states, {**dict(zip(self.names, args)), **kwargs})
         if self.last:
             raise _StopForward
         return hidden_states
@@ -69,11 +71,15 @@ def build_skeleton(model_config) -> tuple[nn.Module, str, nn.ModuleList]:
         raise OffloadPruneError(f"unsupported architecture {type(model_config).__name__}: "
                                 f"{str(exc).splitlines()[0]}") from None
     n = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == n:
-            return model.eval(), name, module
-    raise OffloadPruneError(f"unsupported architecture {type(model).__name__}: no decoder "
-                            "layer list (model.layers); only decoder-only causal LMs are supported")
+    # The decoder layers: the list of num_hidden_layers modules holding most of the weights
+    # (model.layers, transformer.h, gpt_neox.layers, model.decoder.layers, ...).
+    lists = [(sum(p.numel() for p in module.parameters()), name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == n]
+    if not lists:
+        raise OffloadPruneError(f"unsupported architecture {type(model).__name__}: no list of its {n} decoder "
+                                "layers; only decoder-only causal LMs are supported")
+    _, name, module = max(lists, key=lambda item: item[0])
+    return model.eval(), name, module
 
 
 class StreamedModel:
@@ -87,21 +93,35 @@ class StreamedModel:
         # Buffers (rotary tables) are real even inside init_empty_weights; they go where compute happens.
         for name, _ in list(self.model.named_buffers()):
             set_module_tensor_to_device(self.model, name, device)
-        in_blocks = {n for i in range(self.num_layers) for n in self.block_names(i)}
-        self.outside_names = [n for n in reader.weight_map if n not in in_blocks]
-        self.head_names = self._head_names()
+        self.tensormap = TensorMap(self.model, reader.shapes)
+        for target, source in self.tensormap.tied.items():
+            if target.startswith(self.layers_path + ".") or source.startswith(self.layers_path + "."):
+                raise OffloadPruneError(f"{type(self.model).__name__} shares {target} with {source} (weights shared "
+                                        "across layers): its blocks cannot be loaded and pruned one at a time")
+        self._block_groups = [self.tensormap.groups_under(self.block_prefix(i)) for i in range(self.num_layers)]
+        in_blocks = {id(g) for groups in self._block_groups for g in groups}
+        self._outside_groups = [g for g in self.tensormap.groups.values() if id(g) not in in_blocks]
+        in_block_names = {n for i in range(self.num_layers) for n in self.block_names(i)}
+        self.outside_names = [n for n in reader.weight_map if n not in in_block_names]
+        self._head_groups = self._head_groups_of()
         self._recorded: dict[int, dict] = {}
         self._layer0_inputs: list[torch.Tensor] = []
 
     # -- structure -------------------------------------------------------------------------
-    def _head_names(self) -> list[str]:
-        """Tensors only the logits need: the output projection and the final norm."""
-        heads = []
+    def _head_groups_of(self) -> list:
+        """Tensors only the logits need: the output projection (the final norm is small and loads with
+        the embedding)."""
         output = self.model.get_output_embeddings()
-        for name, module in self.model.named_modules():
-            if module is output or (module is getattr(self.base, "norm", None)):
-                heads.append(name + ".")
-        return [n for n in self.outside_names if n.startswith(tuple(heads))]
+        heads = tuple(name + "." for name, module in self.model.named_modules() if module is output)
+        return [g for g in self._outside_groups if heads and all(p.startswith(heads) for p in g.params)]
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}."
+
+    def checkpoint_name(self, param: str) -> str | None:
+        """The checkpoint tensor a parameter is loaded from by a plain rename (None: fused, or absent)."""
+        group = self.tensormap.groups.get(param)
+        return group.sources[0] if group is not None and group.converter is None else None
 
     def max_positions(self) -> int | None:
         """Positions a model with a learned position table can encode: an embedding outside the blocks
@@ -114,8 +134,9 @@ class StreamedModel:
         return None
 
     def block_names(self, index: int) -> list[str]:
-        prefix = f"{self.layers_path}.{index}."
-        return [n for n in self.reader.weight_map if n.startswith(prefix)]
+        """The block's checkpoint tensors: those loading into its parameters, and unused ones under its name."""
+        sources = [s for g in self._block_groups[index] for s in g.sources]
+        return sources + self.tensormap.unused_under(self.block_prefix(index))
 
     # -- materialising ---------------------------------------------------------------------
     def _materialise(self, root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -125,30 +146,32 @@ class StreamedModel:
 
     def load_outside(self, with_head: bool) -> None:
         """Embedding and other tensors outside the blocks; the head only when logits are needed."""
-        names = [n for n in self.outside_names if with_head or n not in self.head_names]
-        self._materialise(self.model, self.reader.read(names))
-        output = self.model.get_output_embeddings()
-        if with_head and output is not None and output.weight.is_meta:
-            # Tied embeddings: the checkpoint holds no lm_head tensor of its own.
-            output.weight = self.model.get_input_embeddings().weight
+        groups = [g for g in self._outside_groups if with_head or all(g is not h for h in self._head_groups)]
+        tensors = self.reader.read([s for g in groups for s in g.sources])
+        self._materialise(self.model, self.tensormap.to_params(groups, tensors))
+        if with_head:  # tied parameters (a tied head) have no tensor of their own: they share their source
+            for target, source in self.tensormap.tied.items():
+                module_name, _, leaf = target.rpartition(".")
+                if getattr(self.model.get_submodule(module_name), leaf).is_meta:
+                    setattr(self.model.get_submodule(module_name), leaf, self.model.get_parameter(source))
 
     def unload_outside(self) -> None:
         """Back to meta: the embedding is needed only to make layer-0 inputs."""
-        for name in self.outside_names:
-            module_name, _, leaf = name.rpartition(".")
-            module = self.model.get_submodule(module_name)
-            if leaf in module._parameters and not getattr(module, leaf).is_meta:
-                set_module_tensor_to_device(self.model, name, "meta")
+        for group in [*self._outside_groups, self.tensormap.tied_group]:
+            for name in group.params:
+                module_name, _, leaf = name.rpartition(".")
+                module = self.model.get_submodule(module_name)
+                if leaf in module._parameters and not getattr(module, leaf).is_meta:
+                    set_module_tensor_to_device(self.model, name, "meta")
 
     def load_block(self, index: int) -> nn.Module:
-        block = self.layers[index]
-        prefix = f"{self.layers_path}.{index}."
-        tensors = {n[len(prefix):]: t for n, t in self.reader.read(self.block_names(index)).items()}
-        missing = [n for n, p in block.named_parameters() if n not in tensors]
-        if missing:
-            raise OffloadPruneError(f"checkpoint has no tensor {prefix}{missing[0]} that "
-                                    f"{type(self.model).__name__} needs (renamed or missing weights)")
-        self._materialise(block, tensors)
+        block, prefix, groups = self.layers[index], self.block_prefix(index), self._block_groups[index]
+        params = self.tensormap.to_params(groups, self.reader.read([s for g in groups for s in g.sources]))
+        self._materialise(block, {n[len(prefix):]: t for n, t in params.items()})
+        unloaded = [n for n, p in block.named_parameters() if p.is_meta]
+        if unloaded:  # e.g. a parameter of this block loaded from a tensor stored with another one
+            raise OffloadPruneError(f"{prefix}{unloaded[0]} has no tensor of its own in block {index} of the "
+                                    "checkpoint: this model cannot be streamed block by block")
         return block
 
     def unload_block(self, index: int) -> None:
@@ -158,12 +181,21 @@ class StreamedModel:
         if self.device.type == "cuda":  # give the freed block back, not only to torch's cache
             torch.cuda.empty_cache()
 
+    def as_stored(self, prefix: str, matrix) -> torch.Tensor:
+        """A block matrix's [out, in] view in the dtype its checkpoint tensor has (what is written)."""
+        param = prefix + (matrix.name.rsplit(".", 2)[0] + "." + matrix.name.rsplit(".", 1)[1]
+                          if matrix.expert is not None else matrix.name + ".weight")
+        source = self.tensormap.group_of[param].sources[0]
+        return matrix.weight.detach().to("cpu", self.reader.dtypes[source])
+
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """The block's tensors under their checkpoint names, in their stored dtypes, on the CPU."""
-        block, prefix = self.layers[index], f"{self.layers_path}.{index}."
-        state = block.state_dict()
-        return {name: state[name[len(prefix):]].detach().to("cpu", self.reader.dtypes[name])
-                for name in self.block_names(index)}
+        block, prefix, groups = self.layers[index], self.block_prefix(index), self._block_groups[index]
+        state = {prefix + n: t.detach() for n, t in block.state_dict().items()}
+        tensors = self.tensormap.to_checkpoint(groups, state)
+        out = {name: tensors[name].to("cpu", self.reader.dtypes[name]) for name in tensors}
+        out.update(self.reader.read(self.tensormap.unused_under(prefix)))  # copied as they are
+        return out
 
     # -- forward passes --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -186,7 +218,7 @@ class StreamedModel:
     def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         """Layer-0 hidden states for one batch of token windows, and the keyword arguments each
         decoder layer receives (recorded on the first call; they depend only on the window length)."""
-        recorders = [_Recorder(i, self, i == self.num_layers - 1) for i in range(self.num_layers)]
+        recorders = [_Recorder(i, self, i == self.num_layers - 1, self.layers[i]) for i in range(self.num_layers)]
         self._layer0_inputs = []
         with self._layers_replaced(recorders):
             try:

@@ -13,14 +13,14 @@ class _Caught(Exception):
     pass
 
 
-def catch_layer0_inputs(model, windows):
-    layers = model.model.layers
+def catch_layer0_inputs(model, windows, layers_path="model.layers"):
+    layers = model.get_submodule(layers_path)
     original = layers[0]
     caught = []
 
     class Catcher(nn.Module):
-        def forward(self, hidden_states, **kwargs):
-            caught.append((hidden_states, kwargs))
+        def forward(self, hidden_states, *args, **kwargs):
+            caught.append((hidden_states, (args, kwargs)))
             raise _Caught
 
     layers[0] = Catcher()
@@ -52,21 +52,40 @@ def argsort_mask(scores, sparsity, nm, per_row):
     return mask.reshape(rows, cols)
 
 
+def weight_matrices(layer, routers=()):
+    """[out, in] views of every matrix of a layer a method prunes: nn.Linear, Conv1D (stored [in, out]),
+    and each expert of a fused 3-D experts parameter (magnitude only: its orientation does not matter)."""
+    from transformers.pytorch_utils import Conv1D
+    out = {}
+    for name, module in layer.named_modules():
+        if name in routers:
+            continue
+        if isinstance(module, nn.Linear):
+            out[name] = module.weight
+        elif isinstance(module, Conv1D):
+            out[name] = module.weight.T
+        else:
+            for pname, param in module.named_parameters(recurse=False):
+                if param.dim() == 3:
+                    out.update({f"{name}.{e}.{pname}": param[e] for e in range(param.shape[0])})
+    return out
+
+
 @torch.no_grad()
-def prune_in_memory(folder, windows, method, sparsity, nm):
+def prune_in_memory(folder, windows, method, sparsity, nm, layers_path="model.layers", routers=()):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    inputs, kwargs = catch_layer0_inputs(model, windows)
-    for layer in model.model.layers:
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        seen = {n: [] for n in linears}
-        hooks = [m.register_forward_hook(lambda mod, args, out, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1])))
-                 for n, m in linears.items()]
+    inputs, (args, kwargs) = catch_layer0_inputs(model, windows, layers_path)
+    for layer in model.get_submodule(layers_path):
+        matrices = weight_matrices(layer, routers)
+        modules = {n: _maybe(layer, n) for n in matrices if _maybe(layer, n) is not None}  # not experts
+        seen = {n: [] for n in modules}
+        hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+                 for n, m in modules.items()]
         for x in inputs:
-            layer(x, **kwargs)
+            layer(x, *args, **kwargs)
         for h in hooks:
             h.remove()
-        for name, linear in linears.items():
-            w = linear.weight
+        for name, w in matrices.items():
             if method == "wanda":
                 norms = torch.cat(seen[name]).double().pow(2).sum(0).sqrt().float()
                 scores, per_row = w.abs() * norms, True
@@ -75,7 +94,14 @@ def prune_in_memory(folder, windows, method, sparsity, nm):
             w[argsort_mask(scores, sparsity, nm, per_row)] = 0
         outs = []
         for x in inputs:
-            out = layer(x, **kwargs)
+            out = layer(x, *args, **kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
         inputs = outs
     return model
+
+
+def _maybe(layer, name):
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None

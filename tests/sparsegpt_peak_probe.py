@@ -12,7 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from offload_prune.config import PruneConfig
 from offload_prune.hostmem import keep_large_allocations_mmapped
 from offload_prune.methods.sparsegpt import SparseGPT
-from offload_prune.pipeline import _collect, find_linears
+from offload_prune.matrices import describe, find_matrices
+from offload_prune.pipeline import _collect
 
 
 def status():
@@ -25,7 +26,8 @@ def main(true_sequential: bool) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=2048, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=4)
     block = LlamaDecoderLayer(config, 0).eval()
-    linears = find_linears(block)
+    linears = find_matrices(block)
+    describe(block, linears)
     options = PruneConfig(model="-", prune_method="sparsegpt", seqlen=64, true_sequential=true_sequential).validate()
     x = torch.randn(4, 64, 2048)
     positions = torch.arange(64)[None]

@@ -104,3 +104,31 @@ def test_plan_for_llama2_70b_on_a_24gb_gpu(tmp_path, capsys):
     assert "device peak" in capsys.readouterr().out
     assert main(["plan", "--model", str(tmp_path), "--prune_method", "sparsegpt", "--device", "cuda",
                  "--max-device-memory", "8GiB"]) == 2
+
+
+def test_a_many_expert_layer_never_holds_every_experts_hessian():
+    """SparseGPT splits experts across calibration passes: a pass holds no more Hessians than the
+    block's other matrices do (at least one expert), and the plan counts exactly that."""
+    from transformers import AutoConfig
+
+    from offload_prune.matrices import describe, find_matrices
+    from offload_prune.methods.sparsegpt import SparseGPT
+    from offload_prune.skeleton import build_skeleton
+    hidden, expert_width, experts = 256, 96, 128
+    model_config = AutoConfig.for_model("qwen3_moe", hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
+                                        moe_intermediate_size=expert_width, num_experts=experts, num_experts_per_tok=8,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=300)
+    config = PruneConfig(model="-", prune_method="sparsegpt").validate()
+    _, _, layers = build_skeleton(model_config)
+    matrices = find_matrices(layers[0])
+    describe(layers[0], matrices)
+    method = SparseGPT(config)
+    passes = method.groups(matrices)
+    assert sorted(n for group in passes for n in group) == sorted(matrices)
+    one_expert = (hidden ** 2 + expert_width ** 2) * 4
+    dense = (hidden ** 2 + 256 ** 2 + hidden ** 2) * 4  # q/k/v, o (4 heads x 64), router
+    statistics = method.memory_bytes(matrices, torch.float32)["statistics"]
+    assert statistics <= max(dense, one_expert) and statistics < experts * one_expert / 10
+    assert len(passes) > experts * one_expert // dense
+    plan = memory_plan(config, model_config, "cpu")
+    assert plan["phases"]["prune"]["device_parts"]["method_peak"] < experts * one_expert / 10

@@ -2,7 +2,7 @@
 import shutil
 
 import pytest
-from transformers import BertConfig, BertLMHeadModel
+from transformers import T5Config, T5ForConditionalGeneration
 
 from offload_prune.cli import main
 
@@ -49,9 +49,9 @@ def test_missing_shard(capsys, model_copy, tmp_path):
 
 
 def test_unsupported_architecture(capsys, tmp_path):
-    folder = tmp_path / "bert"
-    BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, vocab_size=100, is_decoder=True)).save_pretrained(folder)
+    folder = tmp_path / "t5"  # encoder-decoder: transformers has no causal-LM class for it
+    T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
+                                        vocab_size=100)).save_pretrained(folder)
     message = refuse(capsys, "--model", folder, "--save", tmp_path / "o", "--calib-data", folder / "config.json")
     assert "unsupported architecture" in message
 

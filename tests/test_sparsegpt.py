@@ -5,7 +5,8 @@ from torch import nn
 
 from offload_prune.config import PruneConfig
 from offload_prune.methods.sparsegpt import SparseGPT, inverse_cholesky, prune_with_obs
-from offload_prune.pipeline import find_linears, prune
+from offload_prune.matrices import describe, find_matrices
+from offload_prune.pipeline import prune
 
 from conftest import read_all_tensors
 
@@ -133,7 +134,9 @@ def test_true_sequential_groups_and_pipeline_run(tiny_llama, tmp_path):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     block = LlamaDecoderLayer(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                           num_key_value_heads=2), 0)
-    assert method.groups(find_linears(block)) == [
+    matrices = find_matrices(block)
+    describe(block, matrices)
+    assert method.groups(matrices) == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     reports = {}

@@ -8,10 +8,9 @@ outputs, which feed the next block. Nothing in the pipeline depends on the metho
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from ..config import PruneConfig
 from ..masks import ScoreRows, chunk_workspace_bytes, zero_lowest
+from ..matrices import Matrix
 
 
 class PruningMethod:
@@ -21,13 +20,20 @@ class PruningMethod:
     calibration_passes: int = 1
     #: PruneConfig fields, beyond the ones every method shares, that change this method's result.
     options: tuple[str, ...] = ()
+    #: Whether an expert's inputs are scaled by the router weight of each token (see README, MoE).
+    weights_by_router: bool = True
 
     def __init__(self, config: PruneConfig):
         self.config = config
 
-    def groups(self, linears: dict[str, nn.Linear]) -> list[list[str]]:
-        """Linears to collect statistics for and prune together, in order; one group by default."""
+    def groups(self, linears: dict[str, Matrix]) -> list[list[str]]:
+        """Called first for each block with the matrices to prune (`Matrix`: an [out, in] weight view
+        with its role). Returns the ones to collect statistics for and prune together, in order; one
+        group by default."""
         return [list(linears)]
+
+    def discard(self, names: list[str]) -> None:
+        """Forget the statistics of these matrices: they are pruned another way."""
 
     def start_pass(self, index: int) -> None:
         """Called before calibration pass `index` of each group."""
@@ -39,11 +45,11 @@ class PruningMethod:
         """What pruned module `name`, for the report."""
         return type(self).__name__.lower()
 
-    def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
         """Prune these linears in place; return anything worth reporting per module."""
         raise NotImplementedError
 
-    def memory_bytes(self, linears: dict[str, nn.Linear], compute_dtype: torch.dtype) -> dict[str, int]:
+    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
         """Compute-device bytes beyond the block's weights, for the memory plan: `statistics` held
         through the calibration pass, and the peak `prune` step (statistics still alive included).
         `linears` may live on the meta device: only shapes are used. By default: the statistics,
@@ -52,7 +58,7 @@ class PruningMethod:
         return {"statistics": statistics,
                 "prune": statistics + max(chunk_workspace_bytes(m.weight.numel()) for m in linears.values())}
 
-    def statistics_bytes(self, linears: dict[str, nn.Linear]) -> int:
+    def statistics_bytes(self, linears: dict[str, Matrix]) -> int:
         """Bytes of statistics held for these linears through a calibration pass."""
         return 0
 
@@ -68,7 +74,7 @@ class ScoreMaskMethod(PruningMethod):
         raise NotImplementedError
 
     @torch.no_grad()
-    def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
         for name, linear in linears.items():
             zero_lowest(linear.weight, self.scorer(name, linear.weight), self.config.sparsity_ratio, self.config.nm,
                         self.per_row)

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from ..config import PruneConfig
-from ..selection import module_kind
+from ..matrices import Matrix
 from .base import PruningMethod
 from .neuronrank import NeuronRank
 from .wanda import Wanda
@@ -20,9 +18,20 @@ class Hybrid(PruningMethod):
         self.mlp = NeuronRank(config, variant=config.hybrid_mlp_method)
         self.calibration_passes = self.mlp.calibration_passes
         self.calibration_pass = 0
+        self.weights_by_router = self.mlp.weights_by_router  # experts are MLP matrices
+        self.matrices: dict[str, Matrix] = {}
+
+    def groups(self, linears: dict[str, Matrix]) -> list[list[str]]:
+        self.matrices = linears
+        self.mlp.groups({n: m for n, m in linears.items() if m.kind != "attention"})
+        return [list(linears)]
+
+    def discard(self, names: list[str]) -> None:
+        self.attention.discard(names)
+        self.mlp.discard(names)
 
     def _part(self, name: str) -> PruningMethod:
-        return self.attention if module_kind(name) == "attention" else self.mlp
+        return self.attention if self.matrices[name].kind == "attention" else self.mlp
 
     def rule(self, name: str) -> str:
         return self._part(name).rule(name)
@@ -36,7 +45,7 @@ class Hybrid(PruningMethod):
         if part is self.mlp or self.calibration_pass == 0:  # Wanda needs one pass
             part.add_batch(name, inputs, outputs)
 
-    def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
         results = {}
         for part in (self.attention, self.mlp):
             mine = {n: m for n, m in linears.items() if self._part(n) is part}
@@ -45,6 +54,7 @@ class Hybrid(PruningMethod):
         return results
 
     def memory_bytes(self, linears, compute_dtype) -> dict[str, int]:
+        self.groups(linears)
         parts = [part.memory_bytes({n: m for n, m in linears.items() if self._part(n) is part}, compute_dtype)
                  for part in (self.attention, self.mlp) if any(self._part(n) is part for n in linears)]
         return {"statistics": sum(p["statistics"] for p in parts), "prune": sum(p["prune"] for p in parts)}

@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from ..config import PruneConfig
 from ..masks import ScoreRows, lowest_k, row_chunks, zero_lowest
+from ..matrices import Matrix
 from .base import PruningMethod
 
 PROJECTION_DIM = 128
@@ -134,20 +134,46 @@ class ChannelStatistics:
         return factor.float().to(self.abs_sum.device)
 
 
-def signal_of(name: str, mlp_signal: str) -> tuple[str, str, int]:
-    """(signal key, 'inputs' or 'outputs' of this linear that carry it, axis of W along the channel)."""
-    parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-    if leaf in ("gate_proj", "up_proj", "down_proj"):
-        source = "down_proj" if mlp_signal == "down_input" else "gate_proj"
-        side = "inputs" if mlp_signal == "down_input" else "outputs"
-        return parent, side if leaf == source else "", 1 if leaf == "down_proj" else 0  # one signal per MLP
-    if leaf == "o_proj":
-        return name, "inputs", 1
-    return name, "outputs", 0
+def unit_output(matrices: dict[str, Matrix], matrix: Matrix) -> Matrix | None:
+    """The matrix that writes the output of an MLP unit (down_proj, fc2, c_proj), if the unit has one."""
+    if matrix.kind != "mlp":
+        return None
+    return next((m for m in matrices.values() if m.unit == matrix.unit and m.position == "out"), None)
+
+
+def signal_of(matrices: dict[str, Matrix], name: str, mlp_signal: str) -> tuple[str, str, int]:
+    """(signal key, 'inputs' or 'outputs' of this matrix that carry it, axis of W along the channel).
+    An MLP unit has one signal, its neurons: the input of the matrix writing its output (down_input),
+    or the output of its first matrix (gate). Attention matrices each have their own."""
+    matrix = matrices[name]
+    output = unit_output(matrices, matrix)
+    if output is None:
+        return name, ("inputs" if matrix.position == "out" else "outputs"), 1 if matrix.position == "out" else 0
+    if matrix is output:
+        return matrix.unit, "inputs" if mlp_signal == "down_input" else "", 1
+    first = min((m for m in matrices.values() if m.unit == matrix.unit and m.position == "in"), key=lambda m: m.stage)
+    return matrix.unit, "outputs" if mlp_signal == "gate" and matrix is first else "", 0
+
+
+def neuron_rows(values: torch.Tensor, rows: int, interleaved: bool) -> torch.Tensor:
+    """Per-neuron values spread over the rows of a matrix whose rows may fuse several projections
+    (gate_up_proj: k = 2 rows per neuron, [gate..., up...] or interleaved [gate0, up0, ...])."""
+    k = rows // values.shape[0]
+    return values.repeat_interleave(k) if interleaved else values.repeat(k)
+
+
+def gate_part(outputs: torch.Tensor, neurons: int, interleaved: bool) -> torch.Tensor:
+    """The gate projection's channels of a fused gate_up output."""
+    k = outputs.shape[-1] // neurons
+    return outputs[..., ::k] if interleaved else outputs[..., :neurons]
 
 
 class NeuronRank(PruningMethod):
     """neuronrank_tfidf (doc / topic) and neuronrank_old."""
+
+    # TF and DF describe how often and how strongly a neuron fires, not an output error: an expert's
+    # tokens count once each, whatever weight the router gives them.
+    weights_by_router = False
 
     options = ("nr_tfidf_mode", "nr_tfidf_k", "nr_q_active", "nr_spikiness_exp", "weight_exp", "tf_exp",
                "idf_exp", "nr_mlp_signal")
@@ -159,6 +185,15 @@ class NeuronRank(PruningMethod):
         self.calibration_passes = 2 if self.mode == "topic" else 1
         self.signals: dict[str, ChannelStatistics] = {}
         self.calibration_pass = 0
+        self.matrices: dict[str, Matrix] = {}
+
+    def groups(self, linears: dict[str, Matrix]) -> list[list[str]]:
+        self.matrices = linears
+        return [list(linears)]
+
+    def discard(self, names: list[str]) -> None:
+        for name in names:
+            self.signals.pop(signal_of(self.matrices, name, self.config.nr_mlp_signal)[0], None)
 
     def rule(self, name: str) -> str:
         return "neuronrank_old" if self.mode == "old" else f"neuronrank_tfidf({self.mode})"
@@ -170,29 +205,36 @@ class NeuronRank(PruningMethod):
         self.calibration_pass = index
 
     def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
-        key, side, _ = signal_of(name, self.config.nr_mlp_signal)
+        key, side, _ = signal_of(self.matrices, name, self.config.nr_mlp_signal)
         if side:
+            signal = inputs if side == "inputs" else outputs
+            output = unit_output(self.matrices, self.matrices[name])
+            if side == "outputs" and output is not None:  # an MLP's gate: its neurons only
+                signal = gate_part(signal, output.in_features, self.matrices[name].interleaved)
             stats = self.signals.setdefault(key, ChannelStatistics(self.mode, self.config))
-            stats.add(inputs if side == "inputs" else outputs, self.calibration_pass)
+            stats.add(signal if signal.dim() > 2 else signal[None], self.calibration_pass)
 
     def statistics_bytes(self, linears) -> int:
         """Per signal: float32 channel sums, maxima and counts; doc mode one row per window; topic mode
         one 128-dim projection per token, then one row per topic."""
         c = self.config
-        channels = [m.out_features if signal_of(n, c.nr_mlp_signal)[1] == "outputs" else m.in_features
-                    for n, m in linears.items() if signal_of(n, c.nr_mlp_signal)[1]]
+        sides = {n: signal_of(linears, n, c.nr_mlp_signal)[1] for n in linears}
+        channels = [m.out_features if sides[n] == "outputs" else m.in_features for n, m in linears.items() if sides[n]]
         rows = {"old": 0, "doc": c.nsamples, "topic": c.nsamples * c.seqlen * PROJECTION_DIM // max(channels or [1])}
         return sum(ch * 4 * (3 + rows[self.mode]) for ch in channels)
 
     @torch.no_grad()
-    def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
         factors = {key: stats.neuron_factor() for key, stats in self.signals.items()}
         self.signals = {}
         if self.config.sparsity_type == "structured":
             return self._prune_neurons(linears, factors)
         for name, linear in linears.items():
-            key, _, axis = signal_of(name, self.config.nr_mlp_signal)
-            zero_lowest(linear.weight, self._scorer(linear.weight, factors[key].float(), axis),
+            key, _, axis = signal_of(self.matrices, name, self.config.nr_mlp_signal)
+            factor = factors[key].float()
+            if axis == 0 and factor.numel() != linear.out_features:
+                factor = neuron_rows(factor, linear.out_features, linear.interleaved)
+            zero_lowest(linear.weight, self._scorer(linear.weight, factor, axis),
                         self.config.sparsity_ratio, self.config.nm, per_row=False)
         return {name: {"rule": self.rule(name)} for name in linears}
 
@@ -218,22 +260,24 @@ class NeuronRank(PruningMethod):
 
         return score_rows
 
-    def _prune_neurons(self, linears: dict[str, nn.Linear], factors: dict[str, torch.Tensor]) -> dict[str, dict]:
-        """Whole MLP neurons: gate/up row j and down column j go together, by neuron score."""
+    def _prune_neurons(self, linears: dict[str, Matrix], factors: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """Whole MLP neurons: the rows of a unit's input matrices (gate/up, fc1, c_fc; both halves of a
+        fused gate_up) and the column of its output matrix go together, by neuron score."""
         results = {}
-        for name in [n for n in linears if n.endswith("down_proj")]:
-            parent = name.rsplit(".", 1)[0]
-            members = [linears[f"{parent}.{leaf}"] for leaf in ("gate_proj", "up_proj") if f"{parent}.{leaf}" in linears]
-            down = linears[name]
-            norms = down.weight.float().pow(2).sum(dim=0)
-            for m in members:
-                norms += m.weight.float().pow(2).sum(dim=1)
-            scores = norms.sqrt() ** self.config.weight_exp * factors[signal_of(name, self.config.nr_mlp_signal)[0]].float()
+        for output in [m for m in linears.values() if m.position == "out" and m.kind == "mlp"]:
+            members = [m for m in linears.values() if m.unit == output.unit and m.position == "in"]
+            neurons = output.in_features
+            norms = output.weight.float().pow(2).sum(dim=0)
+            for m in members:  # fold each matrix's row norms onto the neurons its rows belong to
+                rows = m.weight.float().pow(2).sum(dim=1)
+                norms += rows.reshape(-1, rows.numel() // neurons).sum(1) if m.interleaved \
+                    else rows.reshape(-1, neurons).sum(0)
+            key = signal_of(linears, output.name, self.config.nr_mlp_signal)[0]
+            scores = norms.sqrt() ** self.config.weight_exp * factors[key].float()
             removed = lowest_k(scores[None], int(scores.numel() * self.config.sparsity_ratio))[0]
             for m in members:
-                m.weight[removed, :] = 0
-            down.weight[:, removed] = 0
-            for linear_name in [name] + [f"{parent}.{leaf}" for leaf in ("gate_proj", "up_proj")]:
-                if linear_name in linears:
-                    results[linear_name] = {"rule": "neuronrank_old(structured)", "neurons_removed": int(removed.sum())}
+                m.weight[neuron_rows(removed, m.out_features, m.interleaved), :] = 0
+            output.weight[:, removed] = 0
+            for m in [output, *members]:
+                results[m.name] = {"rule": "neuronrank_old(structured)", "neurons_removed": int(removed.sum())}
         return results

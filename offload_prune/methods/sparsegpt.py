@@ -23,17 +23,15 @@ import logging
 import time
 
 import torch
-from torch import nn
 
 from ..config import OffloadPruneError, PruneConfig
 from ..masks import lowest_k
+from ..matrices import Matrix
 from .base import PruningMethod
 
 log = logging.getLogger(__name__)
 MAX_DAMPING_RETRIES = 6
 
-# Order of --true-sequential: each group is pruned before the next one's statistics are taken.
-TRUE_SEQUENTIAL_ORDER = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 @contextlib.contextmanager
@@ -133,36 +131,75 @@ class SparseGPT(PruningMethod):
         self.input_key: dict[str, str] = {}             # linear -> input key
         self._last: tuple[torch.Tensor, str] | None = None
 
-    def groups(self, linears: dict[str, nn.Linear]) -> list[list[str]]:
-        if not self.config.true_sequential:
-            return [list(linears)]
-        ordered = [[n for n in linears if n.rsplit(".", 1)[-1] in names] for names in TRUE_SEQUENTIAL_ORDER]
-        placed = {n for group in ordered for n in group}
-        return [g for g in ordered if g] + [[n] for n in linears if n not in placed]
+    def groups(self, linears: dict[str, Matrix]) -> list[list[str]]:
+        """All matrices together, or with --true-sequential one stage at a time in the order the block
+        calls them (q/k/v, o, gate/up, down). Experts' Hessians are then split across passes so a pass
+        holds no more of them than the block's other Hessians take (at least one expert): a
+        128-expert layer never holds 128 Hessians at once."""
+        if self.config.true_sequential:
+            stages = sorted({m.stage for m in linears.values()})
+            together = [[n for n, m in linears.items() if m.stage == stage] for stage in stages]
+        else:
+            together = [list(linears)]
+        dense = [n for n, m in linears.items() if m.expert is None]
+        per_expert: dict[tuple[str, int], int] = {}
+        for m in linears.values():
+            if m.expert is not None:
+                key = (m.unit, m.expert)
+                per_expert[key] = per_expert.get(key, 0) + m.in_features ** 2 * 4
+        budget = max([self._hessian_bytes({n: linears[n] for n in dense}), *per_expert.values()])
+        passes = []
+        for group in together:
+            plain = [n for n in group if linears[n].expert is None]
+            passes += [plain] if plain else []
+            chunk, size = [], 0
+            for key in dict.fromkeys((linears[n].unit, linears[n].expert) for n in group if n not in plain):
+                names = [n for n in group if (linears[n].unit, linears[n].expert) == key]
+                cost = sum(linears[n].in_features ** 2 * 4 for n in names)
+                if chunk and size + cost > budget:
+                    passes.append(chunk)
+                    chunk, size = [], 0
+                chunk += names
+                size += cost
+            passes += [chunk] if chunk else []
+        return passes
 
-    def memory_bytes(self, linears: dict[str, nn.Linear], compute_dtype: torch.dtype) -> dict[str, int]:
-        """Hessians are float32 [cols, cols], one per input group (q/k/v and gate/up share theirs).
-        Factorising a group holds two [cols, cols] matrices at once; pruning a linear then holds the
-        factor, a float32 copy of W (two when W is not float32), the W-sized temporary of the first
-        lazy column update and a few column blocks."""
-        inputs: dict[str, list[nn.Linear]] = {}
-        for name, linear in linears.items():
-            leaf = name.rsplit(".", 1)[-1]
-            family = next((g for g in TRUE_SEQUENTIAL_ORDER if leaf in g and len(g) > 1), (name,))
-            inputs.setdefault(f"{name.rsplit('.', 1)[0]}:{family}", []).append(linear)
-        families = list(inputs.values())
-        groups = [[family] for family in families] if self.config.true_sequential else [families]
+    @staticmethod
+    def _shared_inputs(linears: dict[str, Matrix]) -> list[list[Matrix]]:
+        """Matrices that share one Hessian: those of one stage reading one tensor; each expert its own."""
+        inputs: dict[object, list[Matrix]] = {}
+        for name, m in linears.items():
+            inputs.setdefault(name if m.expert is not None else ("stage", m.stage), []).append(m)
+        return list(inputs.values())
+
+    def _hessian_bytes(self, linears: dict[str, Matrix]) -> int:
+        return sum(members[0].in_features ** 2 * 4 for members in self._shared_inputs(linears))
+
+    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
+        """Hessians are float32 [cols, cols], one per shared input (q/k/v and gate/up share theirs),
+        alive together through a pass. Factorising one holds two [cols, cols] matrices at once; pruning
+        a matrix then holds the factor, a float32 copy of W (two when W is not float32), the W-sized
+        temporary of the first lazy column update and a few column blocks."""
         statistics, prune_peak = 0, 0
-        for alive in groups:  # the Hessians alive together
-            sizes = [members[0].in_features ** 2 * 4 for members in alive]
+        copies = 2 if compute_dtype == torch.float32 else 3
+        for group in self.groups(linears):
+            shared = self._shared_inputs({n: linears[n] for n in group})
+            sizes = [members[0].in_features ** 2 * 4 for members in shared]
             statistics = max(statistics, sum(sizes))
-            for k, members in enumerate(alive):
+            for k, members in enumerate(shared):
                 later = sum(sizes[k + 1:])
-                copies = 2 if compute_dtype == torch.float32 else 3
                 per_linear = max(m.weight.numel() * 4 * copies + m.out_features * self.config.blocksize * 4 * 4
                                  for m in members)
                 prune_peak = max(prune_peak, later + 2 * sizes[k], later + sizes[k] + per_linear)
         return {"statistics": statistics, "prune": prune_peak}
+
+    def discard(self, names: list[str]) -> None:
+        for name in names:
+            key = self.input_key.pop(name, None)
+            self.outputs.pop(name, None)
+            if key is not None and key not in self.input_key.values():
+                self.hessians.pop(key, None)
+                self.sequences.pop(key, None)
 
     def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         if self.share_hessians and self._last is not None and inputs is self._last[0]:
@@ -194,7 +231,7 @@ class SparseGPT(PruningMethod):
         return squares - 2 * float(b @ sums) + tokens * float(b @ b)
 
     @torch.no_grad()
-    def prune(self, linears: dict[str, nn.Linear]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
         self._last = None
         results: dict[str, dict] = {}
         by_key: dict[str, list[str]] = {}

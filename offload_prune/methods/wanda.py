@@ -27,6 +27,10 @@ class Wanda(ScoreMaskMethod):
         else:
             self.sum_squares[name] = squares
 
+    def discard(self, names: list[str]) -> None:
+        for name in names:
+            self.sum_squares.pop(name, None)
+
     def statistics_bytes(self, linears) -> int:
         return sum(m.in_features * 8 for m in linears.values())  # float64 sums of squares (at most)
 
