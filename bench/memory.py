@@ -50,7 +50,7 @@ def child_in_memory(model: Path, save: Path, nsamples: int, seqlen: int) -> dict
     from offload_prune.calibration import load_text, sample_windows, tokenize
     from offload_prune.config import PruneConfig
     from offload_prune.methods import build_method
-    from offload_prune.matrices import describe, find_matrices
+    from offload_prune.matrices import describe, find_matrices, observe
     from offload_prune.skeleton import run_windows
 
     start = time.perf_counter()
@@ -79,8 +79,7 @@ def child_in_memory(model: Path, save: Path, nsamples: int, seqlen: int) -> dict
     for layer in layers:
         linears = find_matrices(layer)
         describe(layer, linears)
-        hooks = [m.register_forward_hook(lambda mod, a, out, n=n: method.add_batch(n, a[0], out))
-                 for n, m in linears.items()]
+        hooks = observe(linears, method.add_batch, method.weights_by_router)
         run_windows(layer, kwargs, hidden, None, 1, torch.device("cpu"))
         for h in hooks:
             h.remove()

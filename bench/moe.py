@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--expert-width", type=int, default=512)
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    parser.add_argument("--checkpoints", nargs="+", default=["moe", "dense"], choices=("moe", "dense"))
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("out/bench-moe"))
@@ -50,6 +51,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     folders = {}
     for kind, config in configs(args.experts, args.layers, args.hidden, args.expert_width).items():
+        if kind not in args.checkpoints:
+            continue
         folders[kind] = args.out / kind
         if not (folders[kind] / "config.json").exists():
             build_checkpoint(folders[kind], config)
@@ -63,10 +66,12 @@ def main() -> None:
         for kind, folder in folders.items():
             report = reports[kind, method] = run(folder, method, args.out / f"{kind}-{method}", args.nsamples,
                                                  args.seqlen)
-            fallback = sum(1 for m in report["modules"].values() if m.get("fallback"))
+            fallback = sum(1 for m in report["modules"].values() if m.get("fallback") == "few routed tokens")
             print(f"| {kind} | {method} | {report['wall_seconds']:.0f} s | {report['peak_host_rss_bytes'] / GIB:.2f} GiB"
                   f" | {report['memory_plan']['host']['peak'] / GIB:.2f} GiB | "
                   f"{report['totals']['all']['sparsity']:.2%} | {fallback if kind == 'moe' else '-'} |")
+    if "moe" not in args.checkpoints:
+        return
     report = reports["moe", args.methods[0]]
     counts = {n: m["routed_tokens"] for n, m in report["modules"].items()
               if ".experts." in n and n.endswith("down_proj") and ".layers.0." in n}

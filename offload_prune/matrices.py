@@ -24,7 +24,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import OffloadPruneError
 
 
 @dataclass(eq=False)
@@ -64,7 +63,9 @@ def expert_params(module: nn.Module) -> list[str]:
 
 
 def find_matrices(block: nn.Module) -> dict[str, Matrix]:
-    """Every weight matrix of the block, in definition order (experts one by one)."""
+    """Every weight matrix of the block, in definition order (experts one by one). Weights of other
+    shapes (a convolution, experts that do not declare their layout) are not pruned; `other_weights`
+    finds them for the totals."""
     conv1d = _conv1d_class()
     found: dict[str, Matrix] = {}
     inside_experts: list[str] = []
@@ -82,15 +83,21 @@ def find_matrices(block: nn.Module) -> dict[str, Matrix]:
                         f"{path}.{e}.{param}", weight, bias[e] if bias is not None else None, module, expert=e,
                         interleaved=param != "down_proj" and not getattr(module, "is_concatenated", True))
             continue
-        if any(p.dim() == 3 for p in module.parameters(recurse=False)):
-            raise OffloadPruneError(f"{type(module).__name__} ({path}) holds 3-D expert weights but does not declare "
-                                    "their layout through transformers' experts interface; not supported")
         weight = module._parameters.get("weight")
         if weight is None or weight.dim() != 2 or isinstance(module, nn.Embedding):
             continue
         view = weight.t() if isinstance(module, conv1d) else weight
         found[path] = Matrix(path, view, module._parameters.get("bias"), module)
     return found
+
+
+def other_weights(block: nn.Module, matrices: dict[str, Matrix]) -> dict[str, torch.Tensor]:
+    """Parameters of two or more dimensions that are not one of `matrices` (nor an expert's bias):
+    weights no method prunes here, which the totals must still count."""
+    covered = {id(m.module) for m in matrices.values()}
+    return {f"{path}.{name}" if path else name: param for path, module in block.named_modules()
+            if id(module) not in covered and not isinstance(module, nn.Embedding)
+            for name, param in module.named_parameters(recurse=False) if param.dim() >= 2}
 
 
 # -- roles -------------------------------------------------------------------------------------

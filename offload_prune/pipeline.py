@@ -32,7 +32,7 @@ from .evaluate import evaluation_windows, perplexity
 from .hostmem import keep_large_allocations_mmapped, long_lived_objects_frozen
 from .methods import PruningMethod, build_method
 from .masks import zero_lowest
-from .matrices import Matrix, describe, find_matrices, observe
+from .matrices import Matrix, describe, find_matrices, observe, other_weights
 from .plan import check_budget, memory_plan
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import RunState
@@ -247,23 +247,7 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     matrices = find_matrices(block)
     describe(block, matrices, probe=lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
     chosen = selected_matrices(matrices, index, run.streamed.num_layers, config)
-    method_info: dict[str, dict] = {}
-    for group in (method.groups(chosen) if chosen else []):
-        members = {n: chosen[n] for n in group}
-        tokens: dict[str, int] = {}
-        for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
-            method.start_pass(calibration_pass)
-            _collect(method, block, members, layer_kwargs, inputs, config, device,
-                     tokens if calibration_pass == 0 else None)
-        starved = _starved_experts(members, tokens, config) if method.needs_calibration else {}
-        if starved:
-            method_info.update(_prune_by_magnitude(method, starved, tokens, config))
-        rest = {n: m for n, m in members.items() if n not in starved}
-        if rest:
-            method_info.update(method.prune(rest))
-        for name in members:  # what each expert was pruned from
-            if members[name].expert is not None and tokens:
-                method_info.setdefault(name, {})["routed_tokens"] = tokens.get(name, 0)
+    method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs) if chosen else {}
     last = index + 1 == run.streamed.num_layers
     if not last:  # the last block's outputs feed nothing
         run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device)
@@ -273,6 +257,8 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
                     "kind": m.kind} for name, m in matrices.items()}
     modules = {prefix + n: {**stats[n], "rule": method.rule(n), **method_info.get(n, {})} for n in chosen}
     unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
+    unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
+                     for n, w in other_weights(block, matrices).items()})
     outputs = run.layout.write_unit(1 + index, state.save, run.streamed.block_tensors(index))
     run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
     if not last:
@@ -283,20 +269,49 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     return run.store.tensor
 
 
-def _starved_experts(members: dict[str, Matrix], tokens: dict[str, int], config: PruneConfig) -> dict[str, Matrix]:
-    return {n: m for n, m in members.items() if m.expert is not None and tokens.get(n, 0) < config.expert_min_tokens}
+def _prune_matrices(run: Run, block: nn.Module, chosen: dict[str, Matrix], layer_kwargs: dict,
+                    inputs: torch.Tensor) -> dict[str, dict]:
+    """The method's groups one after another: calibration passes with its statistics hooked in, then
+    its prune (or magnitude, for a matrix left without statistics). Returns what to report per matrix."""
+    config, method, device = run.config, run.method, run.device
+    method_info: dict[str, dict] = {}
+    for group in method.groups(chosen):
+        members = {n: chosen[n] for n in group}
+        tokens: dict[str, int] = {}
+        for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
+            method.start_pass(calibration_pass)
+            _collect(method, block, members, layer_kwargs, inputs, config, device,
+                     tokens if calibration_pass == 0 else None)
+        starved = _starved(members, tokens, config) if method.needs_calibration else {}
+        if starved:
+            method_info.update(_prune_by_magnitude(method, starved, tokens, config))
+        rest = {n: m for n, m in members.items() if n not in starved}
+        if rest:
+            method_info.update(method.prune(rest))
+        for name in members:  # what each expert was pruned from
+            if members[name].expert is not None and tokens:
+                method_info.setdefault(name, {})["routed_tokens"] = tokens.get(name, 0)
+    return method_info
+
+
+def _starved(members: dict[str, Matrix], tokens: dict[str, int], config: PruneConfig) -> dict[str, Matrix]:
+    """Experts routed fewer than --expert-min-tokens calibration tokens, and any matrix the block's
+    forward never fed (Mamba's dt_proj is read as a weight, not called)."""
+    return {n: m for n, m in members.items()
+            if tokens.get(n, 0) < (config.expert_min_tokens if m.expert is not None else 1)}
 
 
 @torch.no_grad()
 def _prune_by_magnitude(method: PruningMethod, starved: dict[str, Matrix], tokens: dict[str, int],
                         config: PruneConfig) -> dict[str, dict]:
-    """Experts the router sent too few calibration tokens to: their statistics say little, so their
-    weights are pruned by magnitude (one threshold per matrix, as --prune_method magnitude)."""
+    """Matrices with (almost) no calibration statistics: pruned by magnitude instead (one threshold per
+    matrix, as --prune_method magnitude)."""
     method.discard(list(starved))
     for matrix in starved.values():
         zero_lowest(matrix.weight, lambda rows, w=matrix.weight: w[rows].float().abs(), config.sparsity_ratio,
                     config.nm, per_row=False)
-    return {n: {"rule": "magnitude", "routed_tokens": tokens.get(n, 0), "fallback": True} for n in starved}
+    return {n: {"rule": "magnitude", "calibration_tokens": tokens.get(n, 0),
+                "fallback": "few routed tokens" if m.expert is not None else "never fed"} for n, m in starved.items()}
 
 
 def _write_outside(run: Run) -> None:

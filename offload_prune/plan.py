@@ -92,6 +92,11 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     window = config.seqlen * hidden * compute.itemsize
     largest_in_block = max(p.numel() for p in block.parameters())
     block_compute, block_stored = block_numel * compute.itemsize, block_numel * stored.itemsize
+    # Per-expert tensors fused into a 3-D parameter on load: the stacked and the concatenated copy of
+    # the largest one exist together for a moment (transformers' MergeModulelist, then Concatenate).
+    fused = any(p.dim() == 3 for p in block.parameters())
+    stored_loading = {"stored_block": block_stored, **({"expert_fusion": 2 * largest_in_block * stored.itemsize}
+                                                       if fused else {})}
     head_apart = head if not tied or config.nr_prune_lm_head else 0  # a pruned tied head becomes its own tensor
     embed_step = ({"embedding": embedding * compute.itemsize, "window": 4 * window},
                   {"stored_embedding": embedding * stored.itemsize})
@@ -101,7 +106,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     phases: dict[str, list[tuple[dict, dict]]] = {
         "calibration": [({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE})],
         "capture": [embed_step],
-        "prune": [({"block_weights": block_compute}, {"stored_block": block_stored}),  # load
+        "prune": [({"block_weights": block_compute}, stored_loading),  # load
                   ({"block_weights": block_compute, "method_peak": max(method["statistics"], method["prune"]),
                     "micro_batch": micro_batch}, {}),  # statistics, prune, propagate
                   ({"block_weights": block_compute},  # write: the stored copy, one tensor serialized at a time
@@ -110,7 +115,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
                    {"outside_tensors": outside * stored.itemsize,
                     "serialized_tensor": max(embedding, head) * stored.itemsize})],
         "eval": [embed_step,
-                 ({"block_weights": block_compute, "micro_batch": micro_batch}, {"stored_block": block_stored}),
+                 ({"block_weights": block_compute, "micro_batch": micro_batch}, stored_loading),
                  ({"embedding_and_head": (embedding + head_apart) * compute.itemsize,
                    "logits_chunk": 3 * logits_chunk_positions(vocab) * vocab * 4},
                   {"stored_embedding_and_head": (embedding + head_apart) * stored.itemsize})],

@@ -120,10 +120,14 @@ def format_summary(report: dict) -> str:
     for stats in report["modules"].values():
         rules[stats.get("rule", "?")] = rules.get(stats.get("rule", "?"), 0) + 1
     lines.append("  pruned by: " + ", ".join(f"{rule} {count} modules" for rule, count in sorted(rules.items())))
-    fallback = [stats for stats in report["modules"].values() if stats.get("fallback")]
-    if fallback:
-        lines.append(f"  experts pruned by magnitude: {len(fallback)} matrices whose expert was routed fewer than "
-                     f"--expert-min-tokens {report['options']['expert_min_tokens']} calibration tokens")
+    reasons: dict[str, int] = {}
+    for stats in report["modules"].values():
+        if stats.get("fallback"):
+            reasons[stats["fallback"]] = reasons.get(stats["fallback"], 0) + 1
+    if reasons:
+        lines.append("  pruned by magnitude for lack of calibration statistics: "
+                     + ", ".join(f"{count} matrices ({reason})" for reason, count in sorted(reasons.items()))
+                     + f"; an expert needs {report['options']['expert_min_tokens']} routed tokens (--expert-min-tokens)")
     if report.get("unpruned"):
         weights = sum(stats["numel"] for stats in report["unpruned"].values())
         lines.append(f"  not pruned: {len(report['unpruned'])} weight matrices in the blocks ({weights:,} weights), "

@@ -166,8 +166,11 @@ class StreamedModel:
 
     def load_block(self, index: int) -> nn.Module:
         block, prefix, groups = self.layers[index], self.block_prefix(index), self._block_groups[index]
-        params = self.tensormap.to_params(groups, self.reader.read([s for g in groups for s in g.sources]))
-        self._materialise(block, {n[len(prefix):]: t for n, t in params.items()})
+        tensors = self.reader.read([s for g in groups for s in g.sources])
+        for group in groups:  # converted and materialised one group at a time: one fusion's copies alive at once
+            params = self.tensormap.to_params([group], {s: tensors.pop(s) for s in group.sources})
+            self._materialise(block, {n[len(prefix):]: t for n, t in params.items()})
+            del params
         unloaded = [n for n, p in block.named_parameters() if p.is_meta]
         if unloaded:  # e.g. a parameter of this block loaded from a tensor stored with another one
             raise OffloadPruneError(f"{prefix}{unloaded[0]} has no tensor of its own in block {index} of the "

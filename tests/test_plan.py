@@ -132,3 +132,28 @@ def test_a_many_expert_layer_never_holds_every_experts_hessian():
     assert len(passes) > experts * one_expert // dense
     plan = memory_plan(config, model_config, "cpu")
     assert plan["phases"]["prune"]["device_parts"]["method_peak"] < experts * one_expert / 10
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
+def test_mixture_of_experts_phases_within_the_plan(tmp_path):
+    """The same bound on a Mixture-of-Experts checkpoint in the hub's per-expert layout, whose experts
+    are most of each block and are fused into 3-D parameters as each block loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from offload_prune.demo import byte_tokenizer, demo_text
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=512, intermediate_size=1024, moe_intermediate_size=1024,
+                                  num_experts=16, num_experts_per_tok=4, num_hidden_layers=2, num_attention_heads=8,
+                                  num_key_value_heads=2, head_dim=64, vocab_size=260, tie_word_embeddings=False)
+    model = tmp_path / "moe"
+    AutoModelForCausalLM.from_config(config).half().save_pretrained(model, max_shard_size="200MB")
+    byte_tokenizer().save_pretrained(model)
+    (model / "demo.txt").write_text(demo_text(seed=0))
+    save = tmp_path / "out"
+    result = run_cli("--model", model, "--save", save, "--prune_method", "wanda", "--calib-data", model / "demo.txt",
+                     "--nsamples", 8, "--seqlen", 256, "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((save / "report.json").read_text())
+    for phase, peaks in report["phase_peaks"].items():
+        plan = report["memory_plan"]["phases"][phase]["host"]
+        print(f"{phase}: planned {plan / 2**20:.0f} MiB, measured {peaks['host'] / 2**20:.0f} MiB")
+        assert plan / 1.5 <= peaks["host"] <= plan * 1.10, phase
