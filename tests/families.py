@@ -38,12 +38,18 @@ FAMILIES = {
     "gpt_oss": ({**LLAMA_LIKE, **MOE, "head_dim": 16, "num_local_experts": 4,
                  "layer_types": ["sliding_attention", "full_attention"]}, "model.layers", ("mlp.router",)),
 }
+# Beyond the list: a hybrid Mamba/attention/MoE model, whose Mamba mixer holds a 3-D
+# convolution weight and a projection it reads as a weight instead of calling.
+EXTRA = {
+    "jamba": ({**LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2,
+               "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1}, "model.layers", ("router",)),
+}
 DENSE = [f for f, (_, _, routers) in FAMILIES.items() if not routers]
 MIXTURE = [f for f, (_, _, routers) in FAMILIES.items() if routers]
 
 
 def build_family(folder: Path, family: str) -> Path:
-    config = AutoConfig.for_model(family, **FAMILIES[family][0], vocab_size=VOCAB, bos_token_id=256, eos_token_id=257,
+    config = AutoConfig.for_model(family, **{**FAMILIES, **EXTRA}[family][0], vocab_size=VOCAB, bos_token_id=256, eos_token_id=257,
                                   pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

@@ -254,3 +254,22 @@ def test_weights_shared_across_layers_are_refused(tmp_path, monkeypatch, capsys)
                  str(tmp_path / "text.txt"), "--nsamples", "2", "--seqlen", "16"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "shared across layers" in err, err
+
+
+def test_weights_no_method_prunes_still_count(family_checkpoint, tmp_path):
+    """Jamba: the Mamba convolution (3-D) and A_log are weights no method prunes; they are counted as
+    `other`, so the total is what was written. dt_proj is read as a weight, never called: it gets no
+    calibration input and is pruned by magnitude, and the report says why."""
+    folder = family_checkpoint("jamba")
+    report = run(folder, tmp_path / "out", "wanda")
+    check_same_layout(tmp_path / "out", folder)
+    other = {n: m for n, m in report["unpruned"].items() if m["kind"] == "other"}
+    assert any(n.endswith("conv1d.weight") for n in other) and any(n.endswith("A_log") for n in other)
+    never_fed = [n for n, m in report["modules"].items() if m.get("fallback") == "never fed"]
+    assert never_fed and all(n.endswith("dt_proj") for n in never_fed)
+    assert report["modules"][never_fed[0]]["sparsity"] == 0.5
+    counted = sum(m["numel"] for m in {**report["modules"], **report["unpruned"]}.values())
+    written = read_all_tensors(tmp_path / "out")
+    in_blocks = sum(t.numel() for n, t in written.items() if ".layers." in n and t.dim() >= 2
+                    and not n.endswith("bias") and "norm" not in n)
+    assert counted == in_blocks
