@@ -7,11 +7,9 @@ the OS on free, so host memory stays set by one block whatever the number of lay
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
-from typing import Iterator
 
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD_BYTES = 1 << 20
@@ -45,14 +43,3 @@ def release_free_memory() -> None:
     except AttributeError:
         pass
 
-
-@contextlib.contextmanager
-def long_lived_objects_frozen() -> Iterator[None]:
-    """What exists when a run starts (imported modules, the meta model) lives through it: frozen out of
-    the collector's sight, each phase's gc.collect scans only what the run made (~350k objects, 0.3 s
-    a collection, otherwise). Unfrozen at the end, so nothing is kept beyond the run."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()

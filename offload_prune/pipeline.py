@@ -29,7 +29,7 @@ from .config import OffloadPruneError, PruneConfig
 from .diskspace import check_disk_space, disk_full_message
 from .durable import DiskFullError
 from .evaluate import evaluation_windows, perplexity
-from .hostmem import keep_large_allocations_mmapped, long_lived_objects_frozen
+from .hostmem import keep_large_allocations_mmapped
 from .methods import PruningMethod, build_method
 from .masks import zero_lowest
 from .matrices import Matrix, describe, find_matrices, observe, other_weights
@@ -102,12 +102,6 @@ def prune(config: PruneConfig) -> dict:
     dtype = pick_dtype(config.dtype, device, reader)
     meter = PhaseMeter(device)
     streamed = StreamedModel(reader, device, dtype)
-    with long_lived_objects_frozen():
-        return _run(config, reader, device, dtype, meter, streamed)
-
-
-def _run(config: PruneConfig, reader: CheckpointReader, device: torch.device, dtype: torch.dtype, meter: PhaseMeter,
-         streamed: StreamedModel) -> dict:
     check_positions(streamed, config.seqlen)
     tokenizer = load_tokenizer(reader.folder)
     with meter("calibration"):
