@@ -8,6 +8,7 @@ and tokenizer files -> report (and perplexity, streamed the same way).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -260,6 +261,7 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
                  modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned})
     run.streamed.unload_block(index)
+    gc.collect()  # a block's tensors can sit in reference cycles: free them before the next block loads
     return run.store.tensor
 
 
