@@ -83,7 +83,7 @@ def child_in_memory(model: Path, save: Path, nsamples: int, seqlen: int) -> dict
         run_windows(layer, kwargs, hidden, None, 1, torch.device("cpu"))
         for h in hooks:
             h.remove()
-        method.prune(linears)
+        method.prune(linears, method.config.sparsity_ratio)
         run_windows(layer, kwargs, hidden, hidden, 1, torch.device("cpu"))
     lm.to(torch.float16).save_pretrained(save)
     return {"seconds": time.perf_counter() - start, "peak_rss": vm_hwm()}

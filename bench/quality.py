@@ -1,13 +1,17 @@
-"""Perplexity of every method at 50 %, 2:4 and 70 % on the real models in ../shared/assets.
+"""Perplexity, prune time and peak memory of every method at 50 %, 60 %, 70 % and 2:4, with and
+without OWL layer sparsities, on the real models in ../shared/assets.
 
-    python bench/quality.py --preset stories260k     # TinyStories model on TinyStories text (~1 min)
+    python bench/quality.py --preset stories260k     # TinyStories model on TinyStories text (~3 min)
     python bench/quality.py --preset smollm2         # SmolLM2-135M on WikiText-2 (build it first with
-                                                     # ../shared/assets/get_smollm2.sh; ~45 min on 2 cores)
+                                                     # ../shared/assets/get_smollm2.sh; ~1 h on 2 cores)
+    python bench/quality.py --preset smollm2 --methods wanda admm --settings 50% 2:4 --layers uniform
 
 Calibration: random windows of the calibration text (seed 0); evaluation: non-overlapping
-windows of the evaluation text, as SparseGPT/Wanda compute WikiText-2 perplexity. NeuronRank
-exponents are the defaults (1, 1, 1). Writes quality-<preset>.json and .png (matplotlib, the
-`bench` extra) beside the printed table.
+windows of the evaluation text, as SparseGPT/Wanda compute WikiText-2 perplexity. Every method
+runs with its defaults. Time is the run minus evaluation (calibration, OWL's dense pass, capture,
+prune, write); memory is the peak RSS of those phases (the process also holds the evaluation
+tokens). Results are written to quality-<preset>.json after every run, and a .png plot at the end;
+runs already in that file are not run again (delete it to start over).
 """
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,69 +35,102 @@ PRESETS = {
                     calib=ASSETS / "data" / "wikitext2_valid_tokens.txt", eval=ASSETS / "data" / "wikitext2_test.txt",
                     nsamples=16, seqlen=512, eval_seqlen=2048, eval_max_windows=8),
 }
-METHODS = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("neuronrank_old", {}),
-           ("neuronrank_tfidf", {"nr_tfidf_mode": "doc"}), ("neuronrank_tfidf", {"nr_tfidf_mode": "topic"}),
-           ("hybrid", {})]
-SETTINGS = [("50%", {"sparsity_ratio": 0.5}), ("2:4", {"sparsity_type": "2:4"}), ("70%", {"sparsity_ratio": 0.7})]
+METHODS = ["magnitude", "wanda", "sparsegpt", "admm", "ria", "neuronrank_old", "neuronrank_tfidf", "hybrid"]
+SETTINGS = {"50%": {"sparsity_ratio": 0.5}, "60%": {"sparsity_ratio": 0.6}, "70%": {"sparsity_ratio": 0.7},
+            "2:4": {"sparsity_type": "2:4"}}
+TIMED_PHASES = ("calibration", "owl", "capture", "prune", "write")
 
 
-def label(method: str, extra: dict) -> str:
-    return f"{method} ({extra['nr_tfidf_mode']})" if "nr_tfidf_mode" in extra else method
+class Bench:
+    """One preset: its calibration and evaluation text, and runs of the pruner against it."""
+
+    def __init__(self, preset_name: str, out: Path):
+        from offload_prune.evaluate import evaluation_windows
+        from offload_prune.pipeline import load_tokenizer
+
+        preset = PRESETS[preset_name]
+        if not (preset["model"] / "config.json").exists():
+            raise SystemExit(f"{preset['model']} not found (see ../shared/assets/README.md)")
+        out.mkdir(parents=True, exist_ok=True)
+        if preset.get("split_half"):
+            stories = preset["calib"].read_text().split("\n\n")
+            half = len(stories) // 2
+            for part, chunk in (("calib", stories[:half]), ("eval", stories[half:])):
+                path = out / f"{preset_name}-{part}.txt"
+                path.write_text("\n\n".join(chunk))
+                preset = {**preset, part: path}
+        self.name, self.preset = preset_name, preset
+        self.eval_ids = evaluation_windows(str(preset["eval"]), load_tokenizer(preset["model"]),
+                                           preset["eval_seqlen"], preset["eval_max_windows"])
+
+    def describe(self) -> str:
+        p = self.preset
+        return (f"machine: {machine()}\n{p['model'].name}: calibration {p['nsamples']} x {p['seqlen']} tokens of "
+                f"{p['calib'].name} (seed 0); perplexity on {p['eval'].name}, {p['eval_seqlen']}-token windows"
+                + (f", first {p['eval_max_windows']}" if p["eval_max_windows"] else ", all"))
+
+    def perplexity(self, folder: Path) -> float:
+        from offload_prune.checkpoint import CheckpointReader
+        from offload_prune.evaluate import perplexity
+        return perplexity(CheckpointReader(str(folder)), self.eval_ids, torch.device("cpu"), torch.float32,
+                          quiet=True)["ppl"]
+
+    def run(self, method: str, **options) -> dict:
+        """Prune with these options, then measure; the pruned model is deleted afterwards."""
+        from offload_prune.config import PruneConfig
+        from offload_prune.pipeline import prune
+
+        p = self.preset
+        with tempfile.TemporaryDirectory() as tmp:
+            report = prune(PruneConfig(model=str(p["model"]), save=Path(tmp) / "out", prune_method=method,
+                                       calib_data=str(p["calib"]), nsamples=p["nsamples"], seqlen=p["seqlen"],
+                                       quiet=True, **options))
+            ppl = self.perplexity(Path(tmp) / "out")
+        phases = [phase for phase in TIMED_PHASES if phase in report["seconds"]]
+        return {"ppl": ppl, "seconds": sum(report["seconds"][phase] for phase in phases),
+                "peak_rss_bytes": max(report["phase_peaks"][phase]["host"] for phase in phases),
+                "sparsity": report["totals"]["all"]["sparsity"],
+                "layer_sparsity": report["layer_sparsity"]["ratios"]}
 
 
 def main() -> None:
-    from offload_prune.checkpoint import CheckpointReader
-    from offload_prune.config import PruneConfig
-    from offload_prune.evaluate import evaluation_windows, perplexity
-    from offload_prune.pipeline import load_tokenizer, prune
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="stories260k")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--layers", nargs="+", choices=("uniform", "owl"), default=["uniform", "owl"],
+                        help="uniform and/or OWL layer sparsities")
     parser.add_argument("--out", type=Path, default=Path("out"))
     args = parser.parse_args()
-    preset = PRESETS[args.preset]
-    if not (preset["model"] / "config.json").exists():
-        raise SystemExit(f"{preset['model']} not found (see ../shared/assets/README.md)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    device, dtype = torch.device("cpu"), torch.float32
-    if preset.get("split_half"):
-        stories = preset["calib"].read_text().split("\n\n")
-        half = len(stories) // 2
-        for part, chunk in (("calib", stories[:half]), ("eval", stories[half:])):
-            path = args.out / f"{args.preset}-{part}.txt"
-            path.write_text("\n\n".join(chunk))
-            preset = {**preset, part: path}
-
-    eval_ids = evaluation_windows(str(preset["eval"]), load_tokenizer(preset["model"]), preset["eval_seqlen"],
-                                  preset["eval_max_windows"])
-
-    def ppl(folder: Path) -> float:
-        return perplexity(CheckpointReader(str(folder)), eval_ids, device, dtype, quiet=True)["ppl"]
-
-    print(f"machine: {machine()}")
-    print(f"{preset['model'].name}: calibration {preset['nsamples']} x {preset['seqlen']} tokens of "
-          f"{preset['calib'].name} (seed 0); perplexity on {preset['eval'].name}, {preset['eval_seqlen']}-token windows"
-          + (f", first {preset['eval_max_windows']}" if preset["eval_max_windows"] else ", all") + "\n")
-    dense = ppl(preset["model"])
-    results = {"dense": dense, "runs": []}
-    print(f"| method | {' | '.join(s for s, _ in SETTINGS)} |")
-    print(f"|---|{'---|' * len(SETTINGS)}")
-    print(f"| dense | {' | '.join(f'{dense:.3f}' for _ in SETTINGS)} |", flush=True)
-    for method, extra in METHODS:
-        cells = []
-        for setting, options in SETTINGS:
-            with tempfile.TemporaryDirectory() as tmp:
-                start = time.perf_counter()
-                prune(PruneConfig(model=str(preset["model"]), save=Path(tmp) / "out", prune_method=method,
-                                  calib_data=str(preset["calib"]), nsamples=preset["nsamples"], seqlen=preset["seqlen"],
-                                  quiet=True, **extra, **options))
-                value = ppl(Path(tmp) / "out")
-            results["runs"].append({"method": label(method, extra), "setting": setting, "ppl": value,
-                                    "seconds": time.perf_counter() - start})
-            cells.append(f"{value:.3f}")
-        print(f"| {label(method, extra)} | {' | '.join(cells)} |", flush=True)
-    (args.out / f"quality-{args.preset}.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / f"quality-{args.preset}.png", preset["model"].name)
+    bench = Bench(args.preset, args.out)
+    print(bench.describe() + "\n")
+    path = args.out / f"quality-{args.preset}.json"
+    # Runs already in the results file are reused: the table fills in over several invocations.
+    results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "runs": []}
+    dense = results.setdefault("dense", bench.perplexity(bench.preset["model"]))
+    done = {(r["method"], r["layer_sparsity"], r["setting"]): r for r in results["runs"]}
+    print(f"dense: {dense:.3f}\n")
+    print(f"| method | {' | '.join(args.settings)} | time at {args.settings[0]} | peak RSS at {args.settings[0]} |")
+    print(f"|---|{'---|' * (len(args.settings) + 2)}", flush=True)
+    for method in args.methods:
+        for layers in args.layers:
+            cells, first = [], None
+            for setting in args.settings:
+                if layers == "owl" and setting == "2:4":  # N:M fixes every block's ratio
+                    cells.append("-")
+                    continue
+                run = done.get((method, layers, setting))
+                if run is None:
+                    run = {"method": method, "layer_sparsity": layers, "setting": setting,
+                           **bench.run(method, layer_sparsity=layers, **SETTINGS[setting])}
+                    results["runs"].append(run)
+                    path.write_text(json.dumps(results, indent=1))
+                cells.append(f"{run['ppl']:.3f}")
+                first = first or run
+            label = method + (" + owl" if layers == "owl" else "")
+            cost = f"{first['seconds']:.0f} s | {first['peak_rss_bytes'] / 2**30:.2f} GiB" if first else "- | -"
+            print(f"| {label} | {' | '.join(cells)} | {cost} |", flush=True)
+    plot(results, args.out / f"quality-{args.preset}.png", bench.preset["model"].name)
 
 
 def plot(results: dict, path: Path, title: str) -> None:
@@ -105,16 +141,19 @@ def plot(results: dict, path: Path, title: str) -> None:
     except ImportError:
         print("(no plot: pip install -e .[bench] for matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in results["runs"]):
-        points = [(0.0, results["dense"])] + [(0.5 if r["setting"] != "70%" else 0.7, r["ppl"])
-                                              for r in results["runs"] if r["method"] == method and r["setting"] != "2:4"]
-        ax.plot(*zip(*sorted(points)), marker="o", label=method)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    lines = dict.fromkeys((r["method"], r["layer_sparsity"]) for r in results["runs"])
+    for method, layers in lines:
+        points = [(0.0, results["dense"])] + [(SETTINGS[r["setting"]]["sparsity_ratio"], r["ppl"])
+                                              for r in results["runs"] if (r["method"], r["layer_sparsity"]) ==
+                                              (method, layers) and r["setting"] != "2:4"]
+        ax.plot(*zip(*sorted(points)), marker="o", linestyle="--" if layers == "owl" else "-",
+                label=method + (" + owl" if layers == "owl" else ""))
     ax.set_yscale("log")
     ax.set_xlabel("unstructured sparsity")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(f"{title}: perplexity vs sparsity")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{title}: perplexity vs sparsity (dashed: OWL)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")

@@ -69,6 +69,9 @@ def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "weight-exp", type=float, default=1.0, help="alpha: exponent of |W|")
     _flag(parser, "tf-exp", type=float, default=1.0, help="beta: exponent of TF")
     _flag(parser, "idf-exp", type=float, default=1.0, help="gamma: exponent of IDF")
+    _flag(parser, "nr-score", default="input", choices=("input", "neuron"),
+          help="neuronrank_tfidf: |W| x ||X_j|| x IDF_j^gamma per output row (input, default) or the seeds' "
+               "neuron score with one threshold per module (neuron)")
     _flag(parser, "nr-mlp-signal", default="down_input", choices=("down_input", "gate"),
           help="MLP neuron activation: down_proj's input (what the neuron emits) or gate_proj's output (the seeds')")
     attention = parser.add_mutually_exclusive_group()
@@ -91,6 +94,16 @@ def _sparsegpt_and_budget_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H)")
     _flag(parser, "true-sequential", action="store_true",
           help="SparseGPT: prune q/k/v, then o, then gate/up, then down, recomputing inputs in between")
+    _flag(parser, "admm-iterations", type=int, default=20,
+          help="ADMM weight-update iterations, the mask chosen gradually in the first 3/4 (default 20)")
+    _flag(parser, "admm-rho", type=float, default=1.0, help="ADMM penalty on the input-normalised problem (default 1)")
+    _flag(parser, "ria-exponent", type=float, default=0.5, help="RIA: exponent of the input norm (default 0.5)")
+    _flag(parser, "ria-permute", action="store_true",
+          help="RIA with N:M: permute each MLP's neurons so the N:M groups keep more of the score")
+    _flag(parser, "layer-sparsity", default="uniform",
+          help="uniform (default), owl (outlier-weighted, one dense pass first) or a JSON file: one ratio per block")
+    _flag(parser, "owl-lambda", type=float, default=0.08, help="OWL: block ratios stay within this of --sparsity_ratio")
+    _flag(parser, "owl-m", type=float, default=5.0, help="OWL: a score above M x its block's mean is an outlier")
     _flag(parser, "max-device-memory", type=parse_bytes, default=None,
           help="refuse to start if the plan needs more compute-device memory (e.g. 20GiB)")
     _flag(parser, "max-host-memory", type=parse_bytes, default=None,

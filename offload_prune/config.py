@@ -9,7 +9,7 @@ class OffloadPruneError(Exception):
     """An error the user can act on; the CLI prints it as one line and exits non-zero."""
 
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "neuronrank_old", "neuronrank_tfidf", "hybrid")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "ria", "neuronrank_old", "neuronrank_tfidf", "hybrid")
 ACTIVATION_STORES = ("ram", "disk")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -39,6 +39,17 @@ class PruneConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     true_sequential: bool = False
+    # ADMM (Boza 2024): iterations of the weight update, the mask chosen gradually in the first 3/4;
+    # rho is the ADMM penalty on the input-normalised problem (the paper's defaults).
+    admm_iterations: int = 20
+    admm_rho: float = 1.0
+    # RIA (Zhang et al. 2024): exponent of the input norm; for N:M, permute MLP neurons first.
+    ria_exponent: float = 0.5
+    ria_permute: bool = False
+    # Per-block sparsity: uniform, owl (one dense pass first), or a JSON file of ratios.
+    layer_sparsity: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
     # NeuronRank family and module selection (seeds 000-003)
     nr_tfidf_mode: str = "doc"
     nr_tfidf_k: int = 64
@@ -48,6 +59,7 @@ class PruneConfig:
     tf_exp: float = 1.0
     idf_exp: float = 1.0
     nr_mlp_signal: str = "down_input"
+    nr_score: str = "input"
     nr_include_attention: bool = True
     nr_prune_lm_head: bool = False
     pruning_last: int | None = None
@@ -78,6 +90,8 @@ class PruneConfig:
             raise OffloadPruneError(f"--nr-tfidf-mode must be doc or topic, got {self.nr_tfidf_mode!r}")
         if self.nr_mlp_signal not in ("down_input", "gate"):
             raise OffloadPruneError(f"--nr-mlp-signal must be down_input or gate, got {self.nr_mlp_signal!r}")
+        if self.nr_score not in ("input", "neuron"):
+            raise OffloadPruneError(f"--nr-score must be input or neuron, got {self.nr_score!r}")
         if self.hybrid_mlp_method not in ("neuronrank_tfidf", "neuronrank_old"):
             raise OffloadPruneError("--hybrid-mlp-method must be neuronrank_tfidf or neuronrank_old")
         if not 0.0 <= self.nr_q_active < 1.0:
@@ -90,6 +104,11 @@ class PruneConfig:
             raise OffloadPruneError(f"--blocksize {self.blocksize} must be a multiple of M={self.nm[1]} for "
                                     f"--sparsity_type {self.sparsity_type}: SparseGPT chooses each group of M "
                                     "columns inside one column block")
+        if self.admm_iterations < 1 or self.admm_rho <= 0:
+            raise OffloadPruneError("--admm-iterations must be >= 1 and --admm-rho > 0")
+        if self.ria_permute and (self.prune_method != "ria" or self.nm is None):
+            raise OffloadPruneError("--ria-permute is channel permutation for N:M sparsity with --prune_method ria")
+        self._validate_layer_sparsity()
         if self.percdamp < 0:
             raise OffloadPruneError(f"--percdamp must be >= 0, got {self.percdamp}")
         for name in ("nsamples", "seqlen", "micro_batch_size", "blocksize"):
@@ -105,6 +124,22 @@ class PruneConfig:
             raise OffloadPruneError("--eval-ppl needs --eval-data (a local text file, or wikitext2 with `datasets`)")
         return self
 
+    def _validate_layer_sparsity(self) -> None:
+        if self.layer_sparsity == "uniform":
+            return
+        if self.nm is not None:
+            raise OffloadPruneError(f"--layer-sparsity {self.layer_sparsity} needs unstructured sparsity: "
+                                    f"{self.sparsity_type} fixes every block's ratio")
+        if self.layer_sparsity == "owl":
+            if self.owl_lambda < 0 or self.owl_m <= 0:
+                raise OffloadPruneError("--owl-lambda must be >= 0 and --owl-m > 0")
+            if not 0 <= self.sparsity_ratio - self.owl_lambda or self.sparsity_ratio + self.owl_lambda >= 1:
+                raise OffloadPruneError(f"--owl-lambda {self.owl_lambda}: block ratios within it of --sparsity_ratio "
+                                        f"{self.sparsity_ratio} must stay in [0, 1)")
+        elif not Path(self.layer_sparsity).is_file():
+            raise OffloadPruneError(f"--layer-sparsity must be uniform, owl or a JSON file of ratios; "
+                                    f"{self.layer_sparsity} is none of them")
+
     @property
     def effective_sparsity(self) -> float:
         return self.nm[0] / self.nm[1] if self.nm else self.sparsity_ratio
@@ -114,7 +149,9 @@ class PruneConfig:
         must share. Paths, device and dtype spellings are identified elsewhere, by what they resolve to."""
         names = ["prune_method", "sparsity_type", "nsamples", "seqlen", "seed", "micro_batch_size",
                  "nr_include_attention", "pruning_last", "nr_prune_lm_head", "prune_router", "expert_min_tokens",
-                 *method_options]
+                 "layer_sparsity", *method_options]
+        if self.layer_sparsity == "owl":
+            names += ["owl_lambda", "owl_m"]
         if self.nm is None:  # N:M fixes the ratio itself
             names.insert(1, "sparsity_ratio")
         return {name: getattr(self, name) for name in names}

@@ -31,6 +31,7 @@ from .diskspace import check_disk_space, disk_full_message
 from .durable import DiskFullError
 from .evaluate import evaluation_windows, perplexity
 from .hostmem import keep_large_allocations_mmapped
+from .layer_sparsity import OutlierCounter, owl_ratios, ratios_from_file
 from .methods import PruningMethod, build_method
 from .masks import zero_lowest
 from .matrices import Matrix, describe, find_matrices, observe, other_weights
@@ -91,6 +92,10 @@ class Run:
     store: ActivationStore
     head: "LmHead | None"
     meter: PhaseMeter
+    given_sparsities: list[float] | None  # per block, before any block is pruned (None: OWL measures them)
+
+    def block_sparsity(self, index: int) -> float:
+        return (self.given_sparsities or self.state.manifest["layer_sparsity"])[index]
 
 
 def prune(config: PruneConfig) -> dict:
@@ -114,18 +119,25 @@ def prune(config: PruneConfig) -> dict:
                        process_bytes=current_host_rss_bytes())
     check_budget(plan, config)  # still before any weight is read
     method = build_method(config)
+    if config.layer_sparsity in ("uniform", "owl"):
+        given_sparsities = [config.sparsity_ratio] * streamed.num_layers if config.layer_sparsity == "uniform" else None
+    else:
+        given_sparsities = ratios_from_file(config.layer_sparsity, streamed.num_layers)
     head = LmHead(streamed) if config.nr_prune_lm_head else None
     layout = _output_layout(streamed, head)
     activation_shape = (len(windows), config.seqlen, reader.config.hidden_size)
     activation_bytes = math.prod(activation_shape) * dtype.itemsize
     check_disk_space(config.save, layout, activation_bytes)
-    state = RunState.prepare(config.save, reader.folder, _fingerprint(config, reader, windows, method, device, dtype),
-                             streamed.num_layers, config.overwrite, config.resume)
+    fingerprint = _fingerprint(config, reader, windows, method, device, dtype)
+    if config.layer_sparsity not in ("uniform", "owl"):
+        fingerprint["layer_sparsities"] = given_sparsities  # a file's ratios by content, not by its path
+    state = RunState.prepare(config.save, reader.folder, fingerprint, streamed.num_layers, config.overwrite,
+                             config.resume)
     try:
         if state.manifest["finished"]:
             return _already_finished(state, config)
         store = ActivationStore(state.dir, activation_shape, dtype, on_disk=config.offload_activations == "disk")
-        run = Run(config, reader, device, streamed, method, state, layout, store, head, meter)
+        run = Run(config, reader, device, streamed, method, state, layout, store, head, meter, given_sparsities)
         resumed = state.started
         try:
             _prune_and_write(run, windows)
@@ -154,9 +166,17 @@ def _fingerprint(config: PruneConfig, reader: CheckpointReader, windows: torch.T
 def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
     state, meter, quiet = run.state, run.meter, run.config.quiet
     if state.started and not quiet:
-        print(f"resuming {state.save}: {state.completed_blocks} of {run.streamed.num_layers} blocks already done",
+        owl = (f" (owl's dense pass: {len(state.manifest['outliers'])} measured)"
+               if run.given_sparsities is None and state.manifest["layer_sparsity"] is None else "")
+        print(f"resuming {state.save}: {state.completed_blocks} of {run.streamed.num_layers} blocks already done{owl}",
               file=sys.stderr)
-    if not state.started:
+    if run.given_sparsities is None and state.manifest["layer_sparsity"] is None:
+        if not state.manifest["captured"]:
+            with meter("capture"):
+                _capture(run, windows)
+        with meter("owl"):
+            _measure_outliers(run)
+    if not state.manifest["captured"]:
         with meter("capture"):
             _capture(run, windows)
     num_layers = run.streamed.num_layers
@@ -190,6 +210,11 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
         "memory_plan": plan, "modules": state.modules, "unpruned": state.manifest["unpruned"],
         "totals": totals(state.modules, state.manifest["unpruned"]),
         "nm_valid": all(m["nm_valid"] for m in state.modules.values()) if config.nm else None,
+        "layer_sparsity": {"rule": config.layer_sparsity if config.layer_sparsity in ("uniform", "owl") else "file",
+                           "ratios": [run.block_sparsity(i) for i in range(run.streamed.num_layers)],
+                           **({"outlier_ratios": [m["outlier_ratio"] for m in state.manifest["outliers"]],
+                               "owl_lambda": config.owl_lambda, "owl_m": config.owl_m}
+                              if config.layer_sparsity == "owl" else {})},
     }
     if evaluation is not None:
         options = dict(micro_batch_size=config.micro_batch_size,
@@ -235,6 +260,49 @@ def _capture(run: Run, windows: torch.Tensor) -> None:
     run.state.commit(run_files={LAYER_KWARGS: kwargs_record, run.store.name(0): acts_record}, captured=True)
 
 
+def _measure_outliers(run: Run) -> None:
+    """OWL's dense pass: each block's outlier ratio with its dense inputs, committed block by block like
+    the pruning pass (a crash resumes at the next block); then the per-block sparsities, and the
+    calibration capture is redone for the pruning pass (the dense activations are not its inputs)."""
+    config, state, streamed = run.config, run.state, run.streamed
+    measured = state.manifest["outliers"]
+    layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
+    inputs = run.store.open(len(measured)) if len(measured) < streamed.num_layers else None  # None: all measured
+    for index in tqdm(range(len(measured), streamed.num_layers), desc="owl: outliers (dense)",
+                      disable=config.quiet, initial=len(measured), total=streamed.num_layers):
+        block = streamed.load_block(index)
+        kwargs = layer_kwargs[index]
+        matrices = find_matrices(block)
+        describe(block, matrices, probe=lambda: run_windows(block, kwargs, inputs[:1], None, 1, run.device))
+        chosen = selected_matrices(matrices, index, streamed.num_layers, config)
+        counter = OutlierCounter()
+        handles = observe(chosen, counter.add_batch, weight_by_router=True)
+        last = index + 1 == streamed.num_layers
+        try:
+            run_windows(block, kwargs, inputs, None if last else run.store.output_buffer(index + 1),
+                        config.micro_batch_size, run.device)
+        finally:
+            for handle in handles:
+                handle.remove()
+        ratio, weights = counter.outlier_ratio(chosen, config.owl_m)
+        measured = [*measured, {"outlier_ratio": ratio, "weights": weights}]
+        run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
+        if not last:
+            run_files[run.store.name(index + 1)] = run.store.commit(index + 1)
+        state.commit(run_files=run_files, outliers=measured)
+        streamed.unload_block(index)
+        gc.collect()
+        inputs = run.store.tensor
+    pruned = [i for i, m in enumerate(measured) if m["weights"]]
+    ratios = owl_ratios([measured[i]["outlier_ratio"] for i in pruned], [measured[i]["weights"] for i in pruned],
+                        config.sparsity_ratio, config.owl_lambda)
+    sparsities = [config.sparsity_ratio] * streamed.num_layers
+    for i, ratio in zip(pruned, ratios):
+        sparsities[i] = ratio
+    run.store.release()
+    state.commit(run_files={}, layer_sparsity=sparsities, captured=False)
+
+
 def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor) -> torch.Tensor:
     """Load, collect, prune, propagate, write and commit block `index`; returns the next block's inputs."""
     config, method, device, state = run.config, run.method, run.device, run.state
@@ -242,7 +310,8 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     matrices = find_matrices(block)
     describe(block, matrices, probe=lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
     chosen = selected_matrices(matrices, index, run.streamed.num_layers, config)
-    method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs) if chosen else {}
+    sparsity = run.block_sparsity(index)
+    method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs, sparsity) if chosen else {}
     last = index + 1 == run.streamed.num_layers
     if not last:  # the last block's outputs feed nothing
         run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device)
@@ -266,7 +335,7 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
 
 
 def _prune_matrices(run: Run, block: nn.Module, chosen: dict[str, Matrix], layer_kwargs: dict,
-                    inputs: torch.Tensor) -> dict[str, dict]:
+                    inputs: torch.Tensor, sparsity: float) -> dict[str, dict]:
     """The method's groups one after another: calibration passes with its statistics hooked in, then
     its prune (or magnitude, for a matrix left without statistics). Returns what to report per matrix."""
     config, method, device = run.config, run.method, run.device
@@ -280,10 +349,10 @@ def _prune_matrices(run: Run, block: nn.Module, chosen: dict[str, Matrix], layer
                      tokens if calibration_pass == 0 else None)
         starved = _starved(members, tokens, config) if method.needs_calibration else {}
         if starved:
-            method_info.update(_prune_by_magnitude(method, starved, tokens, config))
+            method_info.update(_prune_by_magnitude(method, starved, tokens, config, sparsity))
         rest = {n: m for n, m in members.items() if n not in starved}
         if rest:
-            method_info.update(method.prune(rest))
+            method_info.update(method.prune(rest, sparsity))
         for name in members:  # what each expert was pruned from
             if members[name].expert is not None and tokens:
                 method_info.setdefault(name, {})["routed_tokens"] = tokens.get(name, 0)
@@ -299,13 +368,13 @@ def _starved(members: dict[str, Matrix], tokens: dict[str, int], config: PruneCo
 
 @torch.no_grad()
 def _prune_by_magnitude(method: PruningMethod, starved: dict[str, Matrix], tokens: dict[str, int],
-                        config: PruneConfig) -> dict[str, dict]:
+                        config: PruneConfig, sparsity: float) -> dict[str, dict]:
     """Matrices with (almost) no calibration statistics: pruned by magnitude instead (one threshold per
     matrix, as --prune_method magnitude)."""
     method.discard(list(starved))
     for matrix in starved.values():
-        zero_lowest(matrix.weight, lambda rows, w=matrix.weight: w[rows].float().abs(), config.sparsity_ratio,
-                    config.nm, per_row=False)
+        zero_lowest(matrix.weight, lambda rows, w=matrix.weight: w[rows].float().abs(), sparsity, config.nm,
+                    per_row=False)
     return {n: {"rule": "magnitude", "calibration_tokens": tokens.get(n, 0),
                 "fallback": "few routed tokens" if m.expert is not None else "never fed"} for n, m in starved.items()}
 

@@ -106,6 +106,12 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     phases: dict[str, list[tuple[dict, dict]]] = {
         "calibration": [({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE})],
         "capture": [embed_step],
+        # OWL's dense pass: a block's input norms while it runs, then its scores one matrix at a time.
+        "owl": [({"block_weights": block_compute}, stored_loading),
+                ({"block_weights": block_compute, "input_norms": sum(m.in_features * 8 for m in chosen.values()),
+                  "micro_batch": micro_batch}, {}),
+                ({"block_weights": block_compute,
+                  "outlier_scores": 3 * max(m.weight.numel() for m in chosen.values()) * 4}, {})],
         "prune": [({"block_weights": block_compute}, stored_loading),  # load
                   ({"block_weights": block_compute, "method_peak": max(method["statistics"], method["prune"]),
                     "micro_batch": micro_batch}, {}),  # statistics, prune, propagate
@@ -122,7 +128,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     }
     device_plan, host_plan = {}, {}
     for name, steps in phases.items():
-        caches = {"activation_cache": cache if in_ram and name in ("capture", "prune") else 0,
+        caches = {"activation_cache": cache if in_ram and name in ("capture", "owl", "prune") else 0,
                   "eval_cache": eval_cache if in_ram and name == "eval" else 0}
         fixed = {"process": process_bytes, **{k: v for k, v in caches.items() if v}}
         devices, hosts = [], []
@@ -137,6 +143,8 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         host_plan[name] = max(hosts, key=lambda parts: parts["peak"])
     if not eval_windows:
         del device_plan["eval"], host_plan["eval"]
+    if config.layer_sparsity != "owl":
+        del device_plan["owl"], host_plan["owl"]
     device_phase = max(device_plan, key=lambda p: device_plan[p]["peak"])
     host_phase = max(host_plan, key=lambda p: host_plan[p]["peak"])
     return {"device_type": device_type, "compute_dtype": str(compute).replace("torch.", ""),

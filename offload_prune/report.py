@@ -132,6 +132,11 @@ def format_summary(report: dict) -> str:
         weights = sum(stats["numel"] for stats in report["unpruned"].values())
         lines.append(f"  not pruned: {len(report['unpruned'])} weight matrices in the blocks ({weights:,} weights), "
                      "counted in the totals above")
+    layers = report.get("layer_sparsity") or {}
+    if layers.get("rule", "uniform") != "uniform":
+        ratios = layers["ratios"]
+        lines.append(f"  layer sparsity ({layers['rule']}): {min(ratios):.2%} to {max(ratios):.2%} over "
+                     f"{len(ratios)} blocks (each block's ratio in report.json)")
     if report.get("nm_valid") is not None:
         lines.append(f"  N:M pattern valid in every module: {report['nm_valid']}")
     for which in ("dense", "pruned"):

@@ -34,8 +34,9 @@ MANIFEST = "manifest.json"
 
 
 def _fresh(fingerprint: dict) -> dict:
-    return {"fingerprint": fingerprint, "captured": False, "completed_blocks": 0, "finalized": False,
-            "finished": False, "outputs": {}, "run_files": {}, "modules": {}, "unpruned": {}}
+    return {"fingerprint": fingerprint, "captured": False, "outliers": [], "layer_sparsity": None,
+            "completed_blocks": 0, "finalized": False, "finished": False, "outputs": {}, "run_files": {},
+            "modules": {}, "unpruned": {}}
 
 
 class RunState:
@@ -54,7 +55,8 @@ class RunState:
 
     @property
     def started(self) -> bool:
-        return self.manifest["captured"]
+        m = self.manifest
+        return m["captured"] or bool(m["outliers"]) or m["layer_sparsity"] is not None
 
     @classmethod
     def prepare(cls, save: Path, input_folder: Path, fingerprint: dict, num_layers: int, overwrite: bool,

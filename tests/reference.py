@@ -75,7 +75,8 @@ def weight_matrices(layer, routers=()):
 def prune_in_memory(folder, windows, method, sparsity, nm, layers_path="model.layers", routers=()):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     inputs, (args, kwargs) = catch_layer0_inputs(model, windows, layers_path)
-    for layer in model.get_submodule(layers_path):
+    per_layer = sparsity if isinstance(sparsity, list) else [sparsity] * len(model.get_submodule(layers_path))
+    for layer, sparsity in zip(model.get_submodule(layers_path), per_layer):
         matrices = weight_matrices(layer, routers)
         modules = {n: _maybe(layer, n) for n in matrices if _maybe(layer, n) is not None}  # not experts
         seen = {n: [] for n in modules}
@@ -86,9 +87,12 @@ def prune_in_memory(folder, windows, method, sparsity, nm, layers_path="model.la
         for h in hooks:
             h.remove()
         for name, w in matrices.items():
-            if method == "wanda":
+            if method in ("wanda", "ria"):
                 norms = torch.cat(seen[name]).double().pow(2).sum(0).sqrt().float()
                 scores, per_row = w.abs() * norms, True
+                if method == "ria":  # (|W|/row sum + |W|/column sum) * ||X_j||^0.5
+                    a = w.abs()
+                    scores = (a / a.sum(1, keepdim=True) + a / a.sum(0, keepdim=True)) * norms.pow(0.5)
             else:
                 scores, per_row = w.abs(), False
             w[argsort_mask(scores, sparsity, nm, per_row)] = 0

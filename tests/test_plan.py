@@ -37,8 +37,8 @@ def test_block_weights_and_activation_cache_match_the_plan(tiny_llama, tmp_path)
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
 def test_every_phase_measured_within_the_plan(checkpoint_factory, tmp_path):
-    """A run through every phase (calibration, capture, prune, write with the head pruned, both
-    evaluations), in a fresh process: each phase's measured peak RSS is at most 10 % above its
+    """A run through every phase (calibration, capture, OWL's dense pass, prune, write with the head
+    pruned, both evaluations), in a fresh process: each phase's measured peak RSS is at most 10 % above its
     planned peak and not more than 1.5x below it. The model is wide enough (32k vocabulary, width
     1024) that embedding, head, logits and block terms are a large part of each phase; its head is
     tied, so the pruned model (head untied) holds one more vocabulary matrix than the dense one."""
@@ -46,28 +46,29 @@ def test_every_phase_measured_within_the_plan(checkpoint_factory, tmp_path):
                                dtype=torch.float16, max_shard_size="200MB", tie_word_embeddings=True)
     save = tmp_path / "out"
     result = run_cli("--model", model, "--save", save, "--prune_method", "wanda", "--nr-prune-lm-head",
+                     "--layer-sparsity", "owl",
                      "--calib-data", model / "demo.txt", "--nsamples", 8, "--seqlen", 512, "--eval-ppl",
                      "--eval-data", model / "demo.txt", "--eval-max-windows", 4, "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((save / "report.json").read_text())
     planned = report["memory_plan"]["phases"]
     measured = report["phase_peaks"]
-    assert set(measured) == {"calibration", "capture", "prune", "write", "eval_dense", "eval_pruned"}
+    assert set(measured) == {"calibration", "capture", "owl", "prune", "write", "eval_dense", "eval_pruned"}
     for phase, peaks in measured.items():
         plan = planned["eval" if phase.startswith("eval") else phase]["host"]
         print(f"{phase}: planned {plan / 2**20:.0f} MiB, measured {peaks['host'] / 2**20:.0f} MiB")
         assert plan / 1.5 <= peaks["host"] <= plan * 1.10, phase
 
 
-PEAK_PROBE = Path(__file__).with_name("sparsegpt_peak_probe.py")
+PEAK_PROBE = Path(__file__).with_name("hessian_peak_probe.py")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
-@pytest.mark.parametrize("true_sequential", [False, True])
-def test_sparsegpt_statistics_and_prune_peak_match_the_plan(true_sequential):
+@pytest.mark.parametrize("method, true_sequential", [("sparsegpt", False), ("sparsegpt", True), ("admm", False)])
+def test_hessian_methods_statistics_and_prune_peak_match_the_plan(method, true_sequential):
     """Statistics held are exact; the prune step's peak resident memory, measured in a fresh process
     (see the probe), is within 15% of the plan."""
-    result = subprocess.run([sys.executable, str(PEAK_PROBE), str(true_sequential)], capture_output=True,
+    result = subprocess.run([sys.executable, str(PEAK_PROBE), method, str(true_sequential)], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.strip().splitlines()[-1])

@@ -70,15 +70,41 @@ def test_kill_at_every_filesystem_step_then_resume_is_identical(resume_model, pr
     args = lambda save: prune_args(resume_model, save, "--offload-activations", activations)  # noqa: E731
     steps = worker.steps(*args(tmp_path / "logged"))
     assert {s.split()[0] for s in steps} == {"mkdir", "write", "fsync", "rename", "fsync-dir", "delete"}
+    failures = sweep_kills(worker, args, steps, uninterrupted, tmp_path)
+    print(f"{activations}: {len(steps)} kill points swept, {len(steps) - len(failures)} identical")
+    assert not failures, "\n".join(failures)
+
+
+def sweep_kills(worker, args, steps, expected, tmp_path):
+    """Kill a fresh run at each step in turn (None: not this one) and resume it; what went wrong at each
+    failing step."""
     failures = []
     for k in range(1, len(steps) + 1):
+        if steps[k - 1] is None:
+            continue
         save = tmp_path / f"k{k}"
         problem = kill_then_resume(worker, args(save), k)
-        if problem is None and folder_digests(save) != uninterrupted:
+        if problem is None and folder_digests(save) != expected:
             problem = "output differs from the uninterrupted run"
         if problem:
             failures.append(f"step {k} ({steps[k - 1]}): {problem}")
-    print(f"{activations}: {len(steps)} kill points swept, {len(steps) - len(failures)} identical")
+    return failures
+
+
+def test_owl_dense_pass_killed_at_every_step_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
+    """OWL adds a dense pass over every block before pruning; it commits and resumes the same way."""
+    args = lambda save: prune_args(resume_model, save, "--layer-sparsity", "owl")  # noqa: E731
+    code, printed = worker.run(*args(tmp_path / "uninterrupted"))
+    assert code == 0, printed
+    expected = folder_digests(tmp_path / "uninterrupted")
+    steps = worker.steps(*args(tmp_path / "logged"))
+    uniform = worker.steps(*prune_args(resume_model, tmp_path / "uniform"))
+    assert len(steps) > len(uniform) + 3 * 3  # the dense pass commits each of the 3 blocks (and re-captures)
+    # From the first shard written on, the run is the pruning pass the sweeps above cover: skipped.
+    first_shard = next(k for k, step in enumerate(steps) if step.startswith("write") and ".safetensors" in step)
+    swept = steps[:first_shard + 1] + [None] * (len(steps) - first_shard - 1)
+    failures = sweep_kills(worker, args, swept, expected, tmp_path)
+    print(f"owl: {first_shard + 1} kill points swept (of {len(steps)}), {first_shard + 1 - len(failures)} identical")
     assert not failures, "\n".join(failures)
 
 

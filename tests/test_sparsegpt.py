@@ -90,7 +90,7 @@ def test_reconstruction_error_equals_direct_computation():
     method = make_method()
     feed(method, {"fc": layer}, inputs)
     dense = layer.weight.detach().clone()
-    info = method.prune({"fc": layer})["fc"]
+    info = method.prune({"fc": layer}, 0.5)["fc"]
     x = torch.cat(inputs).reshape(-1, 64)
     direct = ((x @ (dense - layer.weight.detach()).T) ** 2).sum() / ((x @ dense.T) ** 2).sum()
     assert info["reconstruction_error"] == pytest.approx(float(direct), rel=1e-3)
@@ -111,7 +111,7 @@ def test_shared_hessian_equals_per_linear():
         method = make_method(share)
         feed(method, layers, inputs)
         assert len(method.hessians) == (1 if share else 3)
-        method.prune(layers)
+        method.prune(layers, 0.5)
         results.append({n: m.weight.detach().clone() for n, m in layers.items()})
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name
@@ -122,7 +122,7 @@ def test_rank_deficient_input_is_retried_with_more_damping():
     low_rank = torch.randn(1, 8, 4) @ torch.randn(4, 64)  # rank 4 < 64 columns
     method = make_method(percdamp=0.0)
     feed(method, {"fc": layer}, [low_rank])
-    info = method.prune({"fc": layer})["fc"]
+    info = method.prune({"fc": layer}, 0.5)["fc"]
     assert info["cholesky_retries"] > 0 and info["damping"] > 0
     assert torch.isfinite(layer.weight).all()
     assert int((layer.weight == 0).sum()) == layer.weight.numel() // 2

@@ -106,3 +106,37 @@ def test_disk_offload_and_micro_batches_give_the_same_model(tiny_llama, tmp_path
     run_streamed(tiny_llama, tmp_path / "disk", "wanda", "unstructured", offload_activations="disk")
     ram, disk = read_all_tensors(tmp_path / "ram"), read_all_tensors(tmp_path / "disk")
     assert all(torch.equal(ram[n], disk[n]) for n in ram)
+
+
+def _compare_to_reference(folder, save, method, sparsity, nm):
+    reference = prune_in_memory(folder, calibration_windows(folder), method, sparsity, nm)
+    expected, written = reference.state_dict(), read_all_tensors(save)
+    for name, tensor in written.items():
+        assert torch.equal(tensor, expected[name]), f"{name} differs from the in-memory result"
+    return written
+
+
+@pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
+def test_ria_streamed_equals_in_memory(checkpoint_factory, tmp_path, sparsity_type):
+    folder = checkpoint_factory(arch="llama", num_layers=3, hidden=64, intermediate=128)
+    report = run_streamed(folder, tmp_path / "out", "ria", sparsity_type)
+    nm = (2, 4) if sparsity_type == "2:4" else None
+    _compare_to_reference(folder, tmp_path / "out", "ria", 0.5, nm)
+    assert report["totals"]["all"]["sparsity"] == 0.5
+
+
+def test_layer_sparsity_file_gives_each_block_its_ratio(checkpoint_factory, tmp_path):
+    """Ratios from a JSON file: each block pruned to its own ratio, bit-identical to whole-model Wanda
+    with those ratios; a report.json of the run gives the same ratios back."""
+    folder = checkpoint_factory(arch="llama", num_layers=3, hidden=64, intermediate=128)
+    ratios = [0.25, 0.5, 0.75]
+    (tmp_path / "ratios.json").write_text(json.dumps(ratios))
+    report = run_streamed(folder, tmp_path / "out", "wanda", "unstructured", layer_sparsity=str(tmp_path / "ratios.json"))
+    written = _compare_to_reference(folder, tmp_path / "out", "wanda", ratios, None)
+    for i, ratio in enumerate(ratios):
+        down = written[f"model.layers.{i}.mlp.down_proj.weight"]
+        assert int((down == 0).sum()) == int(down.shape[1] * ratio) * down.shape[0]
+    assert report["layer_sparsity"] == {"rule": "file", "ratios": ratios}
+    assert report["totals"]["all"]["sparsity"] == pytest.approx(0.5)
+    again = run_streamed(folder, tmp_path / "again", "wanda", "unstructured", layer_sparsity=str(tmp_path / "out" / "report.json"))
+    assert again["layer_sparsity"]["ratios"] == ratios

@@ -45,8 +45,9 @@ class PruningMethod:
         """What pruned module `name`, for the report."""
         return type(self).__name__.lower()
 
-    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
-        """Prune these linears in place; return anything worth reporting per module."""
+    def prune(self, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
+        """Prune these linears in place to `sparsity` (this block's ratio: --layer-sparsity may give each
+        block its own; N:M ignores it); return anything worth reporting per module."""
         raise NotImplementedError
 
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
@@ -74,8 +75,7 @@ class ScoreMaskMethod(PruningMethod):
         raise NotImplementedError
 
     @torch.no_grad()
-    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
         for name, linear in linears.items():
-            zero_lowest(linear.weight, self.scorer(name, linear.weight), self.config.sparsity_ratio, self.config.nm,
-                        self.per_row)
+            zero_lowest(linear.weight, self.scorer(name, linear.weight), sparsity, self.config.nm, self.per_row)
         return {name: {} for name in linears}

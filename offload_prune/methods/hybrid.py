@@ -45,12 +45,12 @@ class Hybrid(PruningMethod):
         if part is self.mlp or self.calibration_pass == 0:  # Wanda needs one pass
             part.add_batch(name, inputs, outputs)
 
-    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
         results = {}
         for part in (self.attention, self.mlp):
             mine = {n: m for n, m in linears.items() if self._part(n) is part}
             if mine:
-                results.update({n: {"rule": part.rule(n), **info} for n, info in part.prune(mine).items()})
+                results.update({n: {"rule": part.rule(n), **info} for n, info in part.prune(mine, sparsity).items()})
         return results
 
     def memory_bytes(self, linears, compute_dtype) -> dict[str, int]:

@@ -16,7 +16,17 @@ For channel j of a signal a (per token t of calibration window d):
 broadcast along the neuron's axis of each matrix (rows of gate/up/q/k/v, columns of down/o);
 neuronrank_old uses the L2 norm of the neuron's weights instead of |W[i, j]|. tau is one threshold
 for the whole module, so channels differ in DF; a per-channel threshold (as in the public code
-these methods come from) makes every channel "active" everywhere and IDF a constant.
+these methods come from) makes every channel "active" everywhere and IDF a constant. This is the
+seeds' definition, `--nr-score neuron`, with one threshold over each matrix's scores.
+
+`--nr-score input` (the default of neuronrank_tfidf) puts the statistics on each matrix's input
+channels instead, and compares weights within each output row as Wanda does:
+
+    score[i, j]  = |W[i, j]| * ||X_j||_2 * IDF_j^gamma          (Wanda at gamma = 0)
+
+with IDF from the same doc/topic statistics of the matrix's input X. The neuron score multiplies
+a whole row of gate/up by one factor, and one threshold per module then removes near-whole neurons;
+within a row that factor cancels, and only the input channel's rarity is left to add.
 """
 from __future__ import annotations
 
@@ -62,7 +72,7 @@ class ChannelStatistics:
 
     def __init__(self, mode: str, config: PruneConfig):
         self.mode, self.config = mode, config
-        self.abs_sum = self.abs_max = self.positive = None
+        self.abs_sum = self.abs_max = self.positive = self.squares = None
         self.tokens = 0
         self.rows: list[torch.Tensor] = []            # doc: per-window means; topic pass 0: projections
         self.labels: torch.Tensor | None = None       # topic: label per token, after pass 0
@@ -80,12 +90,14 @@ class ChannelStatistics:
             self.topic_counts += torch.bincount(labels, minlength=len(self.topic_counts)).to(self.topic_counts)
             return
         batch_sum, batch_max = flat.sum(dim=0), flat.max(dim=0).values
+        squares = flat.double().pow(2).sum(dim=0) if flat.device.type == "cpu" else flat.pow(2).sum(dim=0)
         if self.abs_sum is None:
-            self.abs_sum, self.abs_max = batch_sum, batch_max
+            self.abs_sum, self.abs_max, self.squares = batch_sum, batch_max, squares
             self.positive = torch.zeros_like(batch_sum)
         else:
             self.abs_sum += batch_sum
             self.abs_max = torch.maximum(self.abs_max, batch_max)
+            self.squares += squares
         self.tokens += flat.shape[0]
         if self.mode == "old":
             self.positive += (a > 0).reshape(-1, a.shape[-1]).sum(dim=0)
@@ -133,6 +145,11 @@ class ChannelStatistics:
         factor = self.tf() ** c.tf_exp * self.idf() ** c.idf_exp * self.spikiness() ** c.nr_spikiness_exp
         return factor.float().to(self.abs_sum.device)
 
+    def input_factor(self) -> torch.Tensor:
+        """||X_j||_2 * IDF_j^gamma per input channel (--nr-score input)."""
+        factor = self.squares.cpu().double().sqrt() * self.idf() ** self.config.idf_exp
+        return factor.float().to(self.abs_sum.device)
+
 
 def unit_output(matrices: dict[str, Matrix], matrix: Matrix) -> Matrix | None:
     """The matrix that writes the output of an MLP unit (down_proj, fc2, c_proj), if the unit has one."""
@@ -176,12 +193,13 @@ class NeuronRank(PruningMethod):
     weights_by_router = False
 
     options = ("nr_tfidf_mode", "nr_tfidf_k", "nr_q_active", "nr_spikiness_exp", "weight_exp", "tf_exp",
-               "idf_exp", "nr_mlp_signal")
+               "idf_exp", "nr_mlp_signal", "nr_score")
 
     def __init__(self, config: PruneConfig, variant: str | None = None):
         super().__init__(config)
         self.variant = variant or config.prune_method
         self.mode = "old" if self.variant == "neuronrank_old" else config.nr_tfidf_mode
+        self.by_input = self.mode != "old" and config.nr_score == "input"
         self.calibration_passes = 2 if self.mode == "topic" else 1
         self.signals: dict[str, ChannelStatistics] = {}
         self.calibration_pass = 0
@@ -191,12 +209,17 @@ class NeuronRank(PruningMethod):
         self.matrices = linears
         return [list(linears)]
 
+    def _signal(self, name: str) -> tuple[str, str, int]:
+        return (name, "inputs", 1) if self.by_input else signal_of(self.matrices, name, self.config.nr_mlp_signal)
+
     def discard(self, names: list[str]) -> None:
         for name in names:
-            self.signals.pop(signal_of(self.matrices, name, self.config.nr_mlp_signal)[0], None)
+            self.signals.pop(self._signal(name)[0], None)
 
     def rule(self, name: str) -> str:
-        return "neuronrank_old" if self.mode == "old" else f"neuronrank_tfidf({self.mode})"
+        if self.mode == "old":
+            return "neuronrank_old"
+        return f"neuronrank_tfidf({self.mode}{', input' if self.by_input else ''})"
 
     def start_pass(self, index: int) -> None:
         if index > 0:
@@ -205,7 +228,7 @@ class NeuronRank(PruningMethod):
         self.calibration_pass = index
 
     def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
-        key, side, _ = signal_of(self.matrices, name, self.config.nr_mlp_signal)
+        key, side, _ = self._signal(name)
         if side:
             signal = inputs if side == "inputs" else outputs
             output = unit_output(self.matrices, self.matrices[name])
@@ -218,24 +241,32 @@ class NeuronRank(PruningMethod):
         """Per signal: float32 channel sums, maxima and counts; doc mode one row per window; topic mode
         one 128-dim projection per token, then one row per topic."""
         c = self.config
-        sides = {n: signal_of(linears, n, c.nr_mlp_signal)[1] for n in linears}
+        sides = {n: "inputs" if self.by_input else signal_of(linears, n, c.nr_mlp_signal)[1] for n in linears}
         channels = [m.out_features if sides[n] == "outputs" else m.in_features for n, m in linears.items() if sides[n]]
         rows = {"old": 0, "doc": c.nsamples, "topic": c.nsamples * c.seqlen * PROJECTION_DIM // max(channels or [1])}
         return sum(ch * 4 * (3 + rows[self.mode]) for ch in channels)
 
     @torch.no_grad()
-    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
+        if self.by_input:
+            factors = {key: stats.input_factor() for key, stats in self.signals.items()}
+            self.signals = {}
+            for name, linear in linears.items():
+                factor = factors[name]
+                zero_lowest(linear.weight, lambda rows, w=linear.weight, f=factor: w[rows].float().abs().mul_(f),
+                            sparsity, self.config.nm, per_row=True)
+            return {name: {"rule": self.rule(name)} for name in linears}
         factors = {key: stats.neuron_factor() for key, stats in self.signals.items()}
         self.signals = {}
         if self.config.sparsity_type == "structured":
-            return self._prune_neurons(linears, factors)
+            return self._prune_neurons(linears, factors, sparsity)
         for name, linear in linears.items():
             key, _, axis = signal_of(self.matrices, name, self.config.nr_mlp_signal)
             factor = factors[key].float()
             if axis == 0 and factor.numel() != linear.out_features:
                 factor = neuron_rows(factor, linear.out_features, linear.interleaved)
             zero_lowest(linear.weight, self._scorer(linear.weight, factor, axis),
-                        self.config.sparsity_ratio, self.config.nm, per_row=False)
+                        sparsity, self.config.nm, per_row=False)
         return {name: {"rule": self.rule(name)} for name in linears}
 
     def _scorer(self, weight: torch.Tensor, factor: torch.Tensor, axis: int) -> ScoreRows:
@@ -260,7 +291,8 @@ class NeuronRank(PruningMethod):
 
         return score_rows
 
-    def _prune_neurons(self, linears: dict[str, Matrix], factors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    def _prune_neurons(self, linears: dict[str, Matrix], factors: dict[str, torch.Tensor],
+                       sparsity: float) -> dict[str, dict]:
         """Whole MLP neurons: the rows of a unit's input matrices (gate/up, fc1, c_fc; both halves of a
         fused gate_up) and the column of its output matrix go together, by neuron score."""
         results = {}
@@ -274,7 +306,7 @@ class NeuronRank(PruningMethod):
                     else rows.reshape(-1, neurons).sum(0)
             key = signal_of(linears, output.name, self.config.nr_mlp_signal)[0]
             scores = norms.sqrt() ** self.config.weight_exp * factors[key].float()
-            removed = lowest_k(scores[None], int(scores.numel() * self.config.sparsity_ratio))[0]
+            removed = lowest_k(scores[None], int(scores.numel() * sparsity))[0]
             for m in members:
                 m.weight[neuron_rows(removed, m.out_features, m.interleaved), :] = 0
             output.weight[:, removed] = 0

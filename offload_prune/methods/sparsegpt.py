@@ -175,23 +175,31 @@ class SparseGPT(PruningMethod):
     def _hessian_bytes(self, linears: dict[str, Matrix]) -> int:
         return sum(members[0].in_features ** 2 * 4 for members in self._shared_inputs(linears))
 
+    #: [cols, cols] matrices alive while one input's Hessian is factorised (H and its factor, then the
+    #: factor and the inverse), and while that input's matrices are pruned (the factor).
+    squares_factorising, squares_pruning = 2, 1
+
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
         """Hessians are float32 [cols, cols], one per shared input (q/k/v and gate/up share theirs),
-        alive together through a pass. Factorising one holds two [cols, cols] matrices at once; pruning
-        a matrix then holds the factor, a float32 copy of W (two when W is not float32), the W-sized
-        temporary of the first lazy column update and a few column blocks."""
+        alive together through a pass; the ones not yet used stay alive while one is factorised and
+        its matrices pruned."""
         statistics, prune_peak = 0, 0
-        copies = 2 if compute_dtype == torch.float32 else 3
         for group in self.groups(linears):
             shared = self._shared_inputs({n: linears[n] for n in group})
             sizes = [members[0].in_features ** 2 * 4 for members in shared]
             statistics = max(statistics, sum(sizes))
             for k, members in enumerate(shared):
                 later = sum(sizes[k + 1:])
-                per_linear = max(m.weight.numel() * 4 * copies + m.out_features * self.config.blocksize * 4 * 4
-                                 for m in members)
-                prune_peak = max(prune_peak, later + 2 * sizes[k], later + sizes[k] + per_linear)
+                per_matrix = max(self._pruning_bytes(m, compute_dtype) for m in members)
+                prune_peak = max(prune_peak, later + self.squares_factorising * sizes[k],
+                                 later + self.squares_pruning * sizes[k] + per_matrix)
         return {"statistics": statistics, "prune": prune_peak}
+
+    def _pruning_bytes(self, matrix: Matrix, compute_dtype: torch.dtype) -> int:
+        """Pruning one matrix: a float32 copy of W (two when W is not float32), the W-sized temporary
+        of the first lazy column update and a few column blocks."""
+        copies = 2 if compute_dtype == torch.float32 else 3
+        return matrix.weight.numel() * 4 * copies + matrix.out_features * self.config.blocksize * 4 * 4
 
     def discard(self, names: list[str]) -> None:
         for name in names:
@@ -231,7 +239,7 @@ class SparseGPT(PruningMethod):
         return squares - 2 * float(b @ sums) + tokens * float(b @ b)
 
     @torch.no_grad()
-    def prune(self, linears: dict[str, Matrix]) -> dict[str, dict]:
+    def prune(self, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
         self._last = None
         results: dict[str, dict] = {}
         by_key: dict[str, list[str]] = {}
@@ -243,13 +251,18 @@ class SparseGPT(PruningMethod):
             for key, names in by_key.items():
                 n = self.sequences.pop(key)
                 dead = self._normalise_hessian(key, n)
-                upper, damping, retries = inverse_cholesky(self.hessians.pop(key), self.config.percdamp)
-                if retries:
-                    log.warning("%s: Hessian needed damping %.3g (%d retries)", ", ".join(names), damping, retries)
-                for name in names:
-                    results[name] = self._prune_linear(name, linears[name], upper, dead, damping, retries, n)
-                del upper
+                results.update(self._prune_sharing(key, dead, {m: linears[m] for m in names}, n, sparsity))
         return results
+
+    def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix], sequences: int,
+                       sparsity: float) -> dict[str, dict]:
+        """Prune the matrices that read input `key`, given its normalised Hessian (popped here, so the
+        factorisation holds the only reference and can free it early)."""
+        upper, damping, retries = inverse_cholesky(self.hessians.pop(key), self.config.percdamp)
+        if retries:
+            log.warning("%s: Hessian needed damping %.3g (%d retries)", ", ".join(linears), damping, retries)
+        return {name: self._prune_linear(name, linear, upper, dead, damping, retries, sequences, sparsity)
+                for name, linear in linears.items()}
 
     def _normalise_hessian(self, key: str, sequences: int) -> torch.Tensor:
         """H = (2/n) sum x x^T in place; inputs that were always zero get diag 1 (their weights are
@@ -261,10 +274,10 @@ class SparseGPT(PruningMethod):
         hessian[dead, dead] = 1
         return dead
 
-    def _prune_linear(self, name, linear, upper, dead, damping, retries, n) -> dict:
+    def _prune_linear(self, name, linear, upper, dead, damping, retries, n, sparsity) -> dict:
         start = time.perf_counter()
         original = linear.weight
-        pruned, errors = prune_with_obs(original.float(), upper, dead, self.config.sparsity_ratio,
+        pruned, errors = prune_with_obs(original.float(), upper, dead, sparsity,
                                         self.config.nm, self.config.blocksize)
         # ||Err||^2 = tr(dW (H' + damping I) dW^T), H' = H with 1 on dead diagonals: take both back out.
         # Chunks of ~4M weights keep the difference from costing weight-sized temporaries.

@@ -1,5 +1,5 @@
-"""Run by test_plan.py in a fresh process: SparseGPT on one Llama block, printing the Hessian bytes
-held after the statistics pass and the peak resident memory of the prune steps (VmHWM reset
+"""Run by test_plan.py in a fresh process: SparseGPT or ADMM on one Llama block, printing the Hessian
+bytes held after the statistics pass and the peak resident memory of the prune steps (VmHWM reset
 through /proc/self/clear_refs; large tensors are mmapped, so freed ones leave RSS), next to the plan."""
 import json
 import sys
@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from offload_prune.config import PruneConfig
 from offload_prune.hostmem import keep_large_allocations_mmapped
-from offload_prune.methods.sparsegpt import SparseGPT
+from offload_prune.methods import build_method
 from offload_prune.matrices import describe, find_matrices
 from offload_prune.pipeline import _collect
 
@@ -21,25 +21,27 @@ def status():
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
-def main(true_sequential: bool) -> None:
+def main(method_name: str, true_sequential: bool) -> None:
     keep_large_allocations_mmapped()
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=2048, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=4)
     block = LlamaDecoderLayer(config, 0).eval()
     linears = find_matrices(block)
     describe(block, linears)
-    options = PruneConfig(model="-", prune_method="sparsegpt", seqlen=64, true_sequential=true_sequential).validate()
+    # Two ADMM iterations: the memory does not depend on how many.
+    options = PruneConfig(model="-", prune_method=method_name, seqlen=64, true_sequential=true_sequential,
+                          admm_iterations=2).validate()
     x = torch.randn(4, 64, 2048)
     positions = torch.arange(64)[None]
     kwargs = {"position_embeddings": LlamaRotaryEmbedding(config)(x, positions), "position_ids": positions,
               "attention_mask": None}
     cpu = torch.device("cpu")
-    warm_up = SparseGPT(options)  # the first LAPACK calls allocate one-time buffers
+    warm_up = build_method(options)  # the first LAPACK calls allocate one-time buffers
     _collect(warm_up, block, {"mlp.down_proj": linears["mlp.down_proj"]}, kwargs, x, options, cpu)
     with torch.no_grad():
-        warm_up.prune({"mlp.down_proj": torch.nn.Linear(4096, 2048)})
+        warm_up.prune({"mlp.down_proj": torch.nn.Linear(4096, 2048)}, options.sparsity_ratio)
 
-    method = SparseGPT(options)
+    method = build_method(options)
     planned = method.memory_bytes(linears, torch.float32)
     held, peak = 0, 0
     for group in method.groups(linears):
@@ -49,11 +51,11 @@ def main(true_sequential: bool) -> None:
         before, _ = status()
         Path("/proc/self/clear_refs").write_text("5")
         with torch.no_grad():
-            method.prune({n: linears[n] for n in group})
+            method.prune({n: linears[n] for n in group}, options.sparsity_ratio)
         peak = max(peak, status()[1] - before + statistics)
     print(json.dumps({"held": held, "peak": peak, "planned_statistics": planned["statistics"],
                       "planned_prune": planned["prune"]}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] == "True")
+    main(sys.argv[1], sys.argv[2] == "True")
