@@ -36,7 +36,8 @@ def main() -> None:
 
     def sweep(mode: str, score: str, gamma: float, quantile: float) -> dict:
         run = {"method": "neuronrank_tfidf", "mode": mode, "score": score, "gamma": gamma, "q_active": quantile,
-               **bench.run("neuronrank_tfidf", nr_tfidf_mode=mode, nr_score=score, idf_exp=gamma,
+               **bench.run("neuronrank_tfidf", nr_tfidf_mode=mode, nr_score=score,
+                           **({"nr_input_idf_exp": gamma} if score == "input" else {"idf_exp": gamma}),
                            nr_q_active=quantile)}
         runs.append(run)
         path.write_text(json.dumps({"machine": bench.describe(), "runs": runs}, indent=1))

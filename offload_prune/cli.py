@@ -62,7 +62,8 @@ def prune_parser() -> argparse.ArgumentParser:
 
 
 def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:
-    _flag(parser, "nr-tfidf-mode", default="doc", choices=("doc", "topic"), help="TF-IDF++ documents: windows or topics")
+    _flag(parser, "nr-tfidf-mode", default="topic", choices=("doc", "topic"),
+          help="TF-IDF++ documents: calibration windows or k-means topics of tokens (default topic)")
     _flag(parser, "nr-tfidf-k", type=int, default=64, help="topics for --nr-tfidf-mode topic (default 64)")
     _flag(parser, "nr-q-active", type=float, default=0.60, help="quantile of activation strength that counts as active")
     _flag(parser, "nr-spikiness-exp", type=float, default=0.0, help="exponent of max/mean activation (default 0)")
@@ -72,6 +73,8 @@ def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "nr-score", default="input", choices=("input", "neuron"),
           help="neuronrank_tfidf: |W| x ||X_j|| x IDF_j^gamma per output row (input, default) or the seeds' "
                "neuron score with one threshold per module (neuron)")
+    _flag(parser, "nr-input-idf-exp", type=float, default=-0.25,
+          help="gamma of --nr-score input (default -0.25, the best of the README's sweep; 0 is Wanda)")
     _flag(parser, "nr-mlp-signal", default="down_input", choices=("down_input", "gate"),
           help="MLP neuron activation: down_proj's input (what the neuron emits) or gate_proj's output (the seeds')")
     attention = parser.add_mutually_exclusive_group()

@@ -51,7 +51,9 @@ class PruneConfig:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     # NeuronRank family and module selection (seeds 000-003)
-    nr_tfidf_mode: str = "doc"
+    # Defaults of neuronrank_tfidf: the best setting of the sweep in the README (topic mode, input score,
+    # gamma -0.25); the seeds' definition is --nr-score neuron --nr-tfidf-mode doc.
+    nr_tfidf_mode: str = "topic"
     nr_tfidf_k: int = 64
     nr_q_active: float = 0.60
     nr_spikiness_exp: float = 0.0
@@ -60,6 +62,7 @@ class PruneConfig:
     idf_exp: float = 1.0
     nr_mlp_signal: str = "down_input"
     nr_score: str = "input"
+    nr_input_idf_exp: float = -0.25
     nr_include_attention: bool = True
     nr_prune_lm_head: bool = False
     pruning_last: int | None = None

@@ -49,7 +49,7 @@ def test_doc_mode_by_hand():
 
 def test_input_factor_by_hand():
     """--nr-score input: ||X_j||_2 * IDF_j^gamma, with IDF from the same doc statistics."""
-    stats = ChannelStatistics("doc", options(idf_exp=0.7))
+    stats = ChannelStatistics("doc", options(nr_input_idf_exp=0.7))
     stats.add(ACTS, 0)
     norms = [math.sqrt(sum(t[j] ** 2 for d in ACTS.tolist() for t in d)) for j in range(4)]
     expected = [n * float(i) ** 0.7 for n, i in zip(norms, stats.idf())]
@@ -61,15 +61,15 @@ def test_input_score_at_gamma_zero_is_wanda(checkpoint_factory, tmp_path):
     it differs, and every row still loses exactly half its weights."""
     folder = checkpoint_factory(num_layers=2, hidden=64, intermediate=128)
     run(folder, tmp_path / "wanda", prune_method="wanda")
-    report = run(folder, tmp_path / "nr0", idf_exp=0.0)
-    run(folder, tmp_path / "nr1", idf_exp=1.0, nr_tfidf_mode="topic", nr_tfidf_k=4)
+    report = run(folder, tmp_path / "nr0", nr_input_idf_exp=0.0)
+    run(folder, tmp_path / "nr1", nr_input_idf_exp=1.0, nr_tfidf_k=4)
     wanda, nr0, nr1 = (read_all_tensors(tmp_path / x) for x in ("wanda", "nr0", "nr1"))
     assert all(torch.equal(wanda[name], nr0[name]) for name in wanda)
     assert any(not torch.equal(wanda[name], nr1[name]) for name in wanda)
     for name, tensor in nr1.items():
         if name.endswith("proj.weight"):
             assert bool(((tensor == 0).sum(dim=1) == tensor.shape[1] // 2).all()), name
-    assert {m["rule"] for m in report["modules"].values()} == {"neuronrank_tfidf(doc, input)"}
+    assert {m["rule"] for m in report["modules"].values()} == {"neuronrank_tfidf(topic, input)"}
 
 
 def test_old_mode_by_hand():
@@ -219,4 +219,4 @@ def test_hybrid_is_wanda_on_attention_and_neuronrank_on_mlp(checkpoint_factory, 
         name = f"model.layers.0.{kind}.weight"
         assert torch.equal(h[name] == 0, n[name] == 0), name
     rules = {m["rule"] for m in hybrid["modules"].values()}
-    assert rules == {"wanda", "neuronrank_old" if mlp_method == "neuronrank_old" else "neuronrank_tfidf(doc, input)"}
+    assert rules == {"wanda", "neuronrank_old" if mlp_method == "neuronrank_old" else "neuronrank_tfidf(topic, input)"}

@@ -22,7 +22,7 @@ seeds' definition, `--nr-score neuron`, with one threshold over each matrix's sc
 `--nr-score input` (the default of neuronrank_tfidf) puts the statistics on each matrix's input
 channels instead, and compares weights within each output row as Wanda does:
 
-    score[i, j]  = |W[i, j]| * ||X_j||_2 * IDF_j^gamma          (Wanda at gamma = 0)
+    score[i, j]  = |W[i, j]| * ||X_j||_2 * IDF_j^gamma          (Wanda at gamma = 0; --nr-input-idf-exp)
 
 with IDF from the same doc/topic statistics of the matrix's input X. The neuron score multiplies
 a whole row of gate/up by one factor, and one threshold per module then removes near-whole neurons;
@@ -146,8 +146,8 @@ class ChannelStatistics:
         return factor.float().to(self.abs_sum.device)
 
     def input_factor(self) -> torch.Tensor:
-        """||X_j||_2 * IDF_j^gamma per input channel (--nr-score input)."""
-        factor = self.squares.cpu().double().sqrt() * self.idf() ** self.config.idf_exp
+        """||X_j||_2 * IDF_j^gamma per input channel (--nr-score input; gamma = --nr-input-idf-exp)."""
+        factor = self.squares.cpu().double().sqrt() * self.idf() ** self.config.nr_input_idf_exp
         return factor.float().to(self.abs_sum.device)
 
 
@@ -193,7 +193,7 @@ class NeuronRank(PruningMethod):
     weights_by_router = False
 
     options = ("nr_tfidf_mode", "nr_tfidf_k", "nr_q_active", "nr_spikiness_exp", "weight_exp", "tf_exp",
-               "idf_exp", "nr_mlp_signal", "nr_score")
+               "idf_exp", "nr_mlp_signal", "nr_score", "nr_input_idf_exp")
 
     def __init__(self, config: PruneConfig, variant: str | None = None):
         super().__init__(config)
