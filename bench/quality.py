@@ -90,7 +90,7 @@ class Bench:
         return {"ppl": ppl, "seconds": sum(report["seconds"][phase] for phase in phases),
                 "peak_rss_bytes": max(report["phase_peaks"][phase]["host"] for phase in phases),
                 "sparsity": report["totals"]["all"]["sparsity"],
-                "layer_sparsity": report["layer_sparsity"]["ratios"]}
+                "ratios": report["layer_sparsity"]["ratios"]}
 
 
 def main() -> None:
@@ -107,7 +107,9 @@ def main() -> None:
     path = args.out / f"quality-{args.preset}.json"
     # Runs already in the results file are reused: the table fills in over several invocations.
     results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "runs": []}
-    dense = results.setdefault("dense", bench.perplexity(bench.preset["model"]))
+    if "dense" not in results:
+        results["dense"] = bench.perplexity(bench.preset["model"])
+    dense = results["dense"]
     done = {(r["method"], r["layer_sparsity"], r["setting"]): r for r in results["runs"]}
     print(f"dense: {dense:.3f}\n")
     print(f"| method | {' | '.join(args.settings)} | time at {args.settings[0]} | peak RSS at {args.settings[0]} |")
