@@ -6,7 +6,8 @@
 --nr-score input scores |W_ij| * ||X_j|| * IDF_j^gamma per output row (gamma = 0 is Wanda);
 --nr-score neuron is the seeds' definition (TF * IDF of each neuron, one threshold per module).
 Every gamma and mode runs at the first quantiles; the best gamma of each mode is then re-run at
---then-quantiles. Writes neuronrank-sweep-<preset>.json after every run.
+--then-quantiles. Writes neuronrank-sweep-<preset>.json after every run; settings already in
+that file are not run again (delete it to start over).
 """
 from __future__ import annotations
 
@@ -30,17 +31,23 @@ def main() -> None:
     bench = Bench(args.preset, args.out)
     print(bench.describe() + "\n")
     path = args.out / f"neuronrank-sweep-{args.preset}.json"
-    wanda = bench.run("wanda")
-    runs = [{"method": "wanda", **wanda}]
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    done = {(r["method"], r.get("mode"), r.get("score"), r.get("gamma"), r.get("q_active")): r for r in runs}
+    wanda = done.get(("wanda", None, None, None, None))
+    if wanda is None:
+        wanda = {"method": "wanda", **bench.run("wanda")}
+        runs.append(wanda)
     print(f"wanda (gamma 0): {wanda['ppl']:.3f}\n\n| mode | score | gamma | q_active | perplexity | vs Wanda |\n|---|---|---|---|---|---|")
 
     def sweep(mode: str, score: str, gamma: float, quantile: float) -> dict:
-        run = {"method": "neuronrank_tfidf", "mode": mode, "score": score, "gamma": gamma, "q_active": quantile,
-               **bench.run("neuronrank_tfidf", nr_tfidf_mode=mode, nr_score=score,
-                           **({"nr_input_idf_exp": gamma} if score == "input" else {"idf_exp": gamma}),
-                           nr_q_active=quantile)}
-        runs.append(run)
-        path.write_text(json.dumps({"machine": bench.describe(), "runs": runs}, indent=1))
+        run = done.get(("neuronrank_tfidf", mode, score, gamma, quantile))
+        if run is None:
+            run = {"method": "neuronrank_tfidf", "mode": mode, "score": score, "gamma": gamma, "q_active": quantile,
+                   **bench.run("neuronrank_tfidf", nr_tfidf_mode=mode, nr_score=score,
+                               **({"nr_input_idf_exp": gamma} if score == "input" else {"idf_exp": gamma}),
+                               nr_q_active=quantile)}
+            runs.append(run)
+            path.write_text(json.dumps({"machine": bench.describe(), "runs": runs}, indent=1))
         print(f"| {mode} | {score} | {gamma:g} | {quantile:g} | {run['ppl']:.3f} | "
               f"{run['ppl'] / wanda['ppl'] - 1:+.1%} |", flush=True)
         return run

@@ -44,11 +44,11 @@ TIMED_PHASES = ("calibration", "owl", "capture", "prune", "write")
 class Bench:
     """One preset: its calibration and evaluation text, and runs of the pruner against it."""
 
-    def __init__(self, preset_name: str, out: Path):
+    def __init__(self, preset_name: str, out: Path, preset: dict | None = None):
         from offload_prune.evaluate import evaluation_windows
         from offload_prune.pipeline import load_tokenizer
 
-        preset = PRESETS[preset_name]
+        preset = preset or PRESETS[preset_name]
         if not (preset["model"] / "config.json").exists():
             raise SystemExit(f"{preset['model']} not found (see ../shared/assets/README.md)")
         out.mkdir(parents=True, exist_ok=True)
@@ -60,31 +60,39 @@ class Bench:
                 path.write_text("\n\n".join(chunk))
                 preset = {**preset, part: path}
         self.name, self.preset = preset_name, preset
-        self.eval_ids = evaluation_windows(str(preset["eval"]), load_tokenizer(preset["model"]),
-                                           preset["eval_seqlen"], preset["eval_max_windows"])
+        self.eval_ids = evaluation_windows(str(preset["eval"]), load_tokenizer(preset["model"]), preset["eval_seqlen"],
+                                           preset["eval_max_windows"]) if preset.get("eval") else None
 
     def describe(self) -> str:
         p = self.preset
-        return (f"machine: {machine()}\n{p['model'].name}: calibration {p['nsamples']} x {p['seqlen']} tokens of "
-                f"{p['calib'].name} (seed 0); perplexity on {p['eval'].name}, {p['eval_seqlen']}-token windows"
+        calibration = (f"machine: {machine()}\n{p['model'].name}: calibration {p['nsamples']} x {p['seqlen']} "
+                       f"tokens of {p['calib'].name} (seed 0)")
+        if not p.get("eval"):
+            return calibration + "; random weights: no perplexity"
+        return (calibration + f"; perplexity on {p['eval'].name}, {p['eval_seqlen']}-token windows"
                 + (f", first {p['eval_max_windows']}" if p["eval_max_windows"] else ", all"))
 
-    def perplexity(self, folder: Path) -> float:
+    def perplexity(self, folder: Path) -> float | None:
         from offload_prune.checkpoint import CheckpointReader
         from offload_prune.evaluate import perplexity
+        if self.eval_ids is None:
+            return None
         return perplexity(CheckpointReader(str(folder)), self.eval_ids, torch.device("cpu"), torch.float32,
                           quiet=True)["ppl"]
 
-    def run(self, method: str, **options) -> dict:
-        """Prune with these options, then measure; the pruned model is deleted afterwards."""
+    def prune(self, method: str, save: Path, **options) -> dict:
+        """Prune the preset's model into `save` with its calibration; returns the run's report."""
         from offload_prune.config import PruneConfig
         from offload_prune.pipeline import prune
 
         p = self.preset
+        return prune(PruneConfig(model=str(p["model"]), save=save, prune_method=method, calib_data=str(p["calib"]),
+                                 nsamples=p["nsamples"], seqlen=p["seqlen"], quiet=True, **options))
+
+    def run(self, method: str, **options) -> dict:
+        """Prune with these options, then measure; the pruned model is deleted afterwards."""
         with tempfile.TemporaryDirectory() as tmp:
-            report = prune(PruneConfig(model=str(p["model"]), save=Path(tmp) / "out", prune_method=method,
-                                       calib_data=str(p["calib"]), nsamples=p["nsamples"], seqlen=p["seqlen"],
-                                       quiet=True, **options))
+            report = self.prune(method, Path(tmp) / "out", **options)
             ppl = self.perplexity(Path(tmp) / "out")
         phases = [phase for phase in TIMED_PHASES if phase in report["seconds"]]
         return {"ppl": ppl, "seconds": sum(report["seconds"][phase] for phase in phases),

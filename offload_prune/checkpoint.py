@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -179,9 +180,22 @@ class ShardLayout:
     def largest_shard_bytes(self) -> int:
         return max(sum(self.nbytes[name] for name in shard) for shards in self.unit_shards for shard in shards)
 
-    def index_text(self) -> str:
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map().items()))}
+    def index_text(self, total_size: int) -> str:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(self.weight_map().items()))}
         return json.dumps(index, indent=2) + "\n"
+
+    def written_totals(self, folder: Path) -> tuple[int, int]:
+        """(parameters, bytes) of the tensors written to `folder`, from the shards' headers: what was
+        written, whatever shapes the run gave the tensors."""
+        numel = nbytes = 0
+        for file in sorted(set(self.weight_map().values())):
+            with safe_open(folder / file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    count = math.prod(piece.get_shape())
+                    numel += count
+                    nbytes += count * _SAFETENSORS_DTYPES[piece.get_dtype()].itemsize
+        return numel, nbytes
 
 
 def _pack(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:

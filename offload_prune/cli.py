@@ -49,7 +49,13 @@ def prune_parser() -> argparse.ArgumentParser:
     _flag(parser, "save", type=Path, default=None, help="output folder for the pruned model (required)")
     _flag(parser, "prune_method", default="wanda", choices=METHODS)
     _flag(parser, "sparsity_ratio", type=float, default=0.5, help="fraction of weights to prune (unstructured)")
-    _flag(parser, "sparsity_type", default="unstructured", help="unstructured, N:M such as 2:4, 4:8, or structured (whole MLP neurons, neuronrank_old)")
+    _flag(parser, "sparsity_type", default="unstructured",
+          help="unstructured, N:M such as 2:4, 4:8, or structured (whole MLP neurons: magnitude, wanda, flap, "
+               "neuronrank_old, neuronrank_tfidf)")
+    _flag(parser, "shrink", action="store_true",
+          help="structured: remove the neurons from the matrices and shrink intermediate_size (default: zero them)")
+    _flag(parser, "neuron-refit", default="on", choices=("on", "off"),
+          help="structured: refit the MLP output matrix on the kept neurons by least squares (default on)")
     _flag(parser, "calib-data", default="c4", help="text file, folder, jsonl, wikitext2 or c4 (default c4)")
     _flag(parser, "nsamples", type=int, default=128, help="calibration windows (default 128)")
     _flag(parser, "seed", type=int, default=0, help="calibration sampling seed (default 0)")
@@ -65,7 +71,8 @@ def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "nr-tfidf-mode", default="topic", choices=("doc", "topic"),
           help="TF-IDF++ documents: calibration windows or k-means topics of tokens (default topic)")
     _flag(parser, "nr-tfidf-k", type=int, default=64, help="topics for --nr-tfidf-mode topic (default 64)")
-    _flag(parser, "nr-q-active", type=float, default=0.60, help="quantile of activation strength that counts as active")
+    _flag(parser, "nr-q-active", type=float, default=0.40,
+          help="quantile of activation strength that counts as active (default 0.4; the seeds used 0.6)")
     _flag(parser, "nr-spikiness-exp", type=float, default=0.0, help="exponent of max/mean activation (default 0)")
     _flag(parser, "weight-exp", type=float, default=1.0, help="alpha: exponent of |W|")
     _flag(parser, "tf-exp", type=float, default=1.0, help="beta: exponent of TF")
@@ -107,10 +114,24 @@ def _sparsegpt_and_budget_flags(parser: argparse.ArgumentParser) -> None:
           help="uniform (default), owl (outlier-weighted, one dense pass first) or a JSON file: one ratio per block")
     _flag(parser, "owl-lambda", type=float, default=0.08, help="OWL: block ratios stay within this of --sparsity_ratio")
     _flag(parser, "owl-m", type=float, default=5.0, help="OWL: a score above M x its block's mean is an outlier")
+    _flag(parser, "remove-layers", default=None,
+          help="shortgpt: remove this many blocks (lowest Block Influence), or auto with --target-params")
+    _flag(parser, "target-params", default=None,
+          help="shortgpt with --remove-layers auto: remove blocks until the model has at most this many "
+               "parameters (e.g. 100M, 1.5B)")
+    _flag(parser, "angular", action="store_true",
+          help="shortgpt: remove the N consecutive blocks whose input and output are closest in angle (Gromov "
+               "et al. 2024, last token) instead of the N of lowest Block Influence")
     _flag(parser, "max-device-memory", type=parse_bytes, default=None,
           help="refuse to start if the plan needs more compute-device memory (e.g. 20GiB)")
     _flag(parser, "max-host-memory", type=parse_bytes, default=None,
           help="refuse to start if the plan needs more host memory (e.g. 16GiB)")
+
+
+def _config(parser: argparse.ArgumentParser, argv: list[str]) -> PruneConfig:
+    args = vars(parser.parse_args(argv))
+    args["neuron_refit"] = args["neuron_refit"] == "on"
+    return PruneConfig(**args)
 
 
 def plan_parser() -> argparse.ArgumentParser:
@@ -123,8 +144,7 @@ def plan_parser() -> argparse.ArgumentParser:
 def run_plan(argv: list[str]) -> int:
     from .plan import check_budget, format_plan, load_config_only, memory_plan
 
-    args = vars(plan_parser().parse_args(argv))
-    config = PruneConfig(**args).validate()
+    config = _config(plan_parser(), argv).validate()
     device_type = "cpu" if config.device == "cpu" else ("cuda" if config.device != "auto" else _auto_device())
     text_size, eval_windows = _text_sizes(config)
     plan = memory_plan(config, load_config_only(config.model), device_type, text_size, eval_windows)
@@ -182,8 +202,7 @@ def run_eval(argv: list[str]) -> int:
 def run_prune(argv: list[str]) -> int:
     from .pipeline import prune
 
-    args = vars(prune_parser().parse_args(argv))
-    prune(PruneConfig(**args))
+    prune(_config(prune_parser(), argv))
     return 0
 
 

@@ -9,7 +9,10 @@ class OffloadPruneError(Exception):
     """An error the user can act on; the CLI prints it as one line and exits non-zero."""
 
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "ria", "neuronrank_old", "neuronrank_tfidf", "hybrid")
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "ria", "neuronrank_old", "neuronrank_tfidf", "hybrid",
+           "shortgpt", "flap")
+#: Methods with a neuron score, for --sparsity_type structured (whole MLP neurons).
+STRUCTURED_METHODS = ("magnitude", "wanda", "flap", "neuronrank_old", "neuronrank_tfidf")
 ACTIVATION_STORES = ("ram", "disk")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -51,11 +54,12 @@ class PruneConfig:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     # NeuronRank family and module selection (seeds 000-003)
-    # Defaults of neuronrank_tfidf: the best setting of the sweep in the README (topic mode, input score,
-    # gamma -0.25); the seeds' definition is --nr-score neuron --nr-tfidf-mode doc.
+    # Defaults of neuronrank_tfidf: the best setting of the sweep in the README over both real models
+    # (topic mode, input score, gamma -0.25, q_active 0.4); the seeds' definition is --nr-score neuron
+    # --nr-tfidf-mode doc --nr-q-active 0.6.
     nr_tfidf_mode: str = "topic"
     nr_tfidf_k: int = 64
-    nr_q_active: float = 0.60
+    nr_q_active: float = 0.40
     nr_spikiness_exp: float = 0.0
     weight_exp: float = 1.0
     tf_exp: float = 1.0
@@ -67,6 +71,14 @@ class PruneConfig:
     nr_prune_lm_head: bool = False
     pruning_last: int | None = None
     hybrid_mlp_method: str = "neuronrank_tfidf"
+    # Structured (whole MLP neurons): remove them from the matrices and shrink intermediate_size, or zero
+    # them; refit the output matrix on the kept neurons by least squares.
+    shrink: bool = False
+    neuron_refit: bool = True
+    # ShortGPT: remove this many whole blocks, or "auto" down to --target-params parameters.
+    remove_layers: str | None = None
+    target_params: str | None = None
+    angular: bool = False  # remove the contiguous run with the smallest angular distance (Gromov et al.)
     # Mixture-of-Experts
     prune_router: bool = False
     expert_min_tokens: int = 32
@@ -75,6 +87,9 @@ class PruneConfig:
     max_host_memory: int | None = None
     # Derived by validate(): (pruned per group, group size) for N:M, else None.
     nm: tuple[int, int] | None = field(default=None, init=False)
+    # Derived by validate() from --remove-layers / --target-params: a count of blocks, or a parameter budget.
+    blocks_to_remove: int | None = field(default=None, init=False)
+    param_budget: int | None = field(default=None, init=False)
 
     def validate(self) -> "PruneConfig":
         if self.prune_method not in METHODS:
@@ -83,12 +98,19 @@ class PruneConfig:
         if not 0.0 <= self.sparsity_ratio < 1.0:
             raise OffloadPruneError(f"--sparsity_ratio must be in [0, 1), got {self.sparsity_ratio}")
         if self.sparsity_type == "structured":
-            if self.prune_method != "neuronrank_old":
-                raise OffloadPruneError("--sparsity_type structured (whole MLP neurons) is supported by "
-                                        "--prune_method neuronrank_old only")
+            if self.prune_method not in STRUCTURED_METHODS:
+                raise OffloadPruneError("--sparsity_type structured (whole MLP neurons) needs a neuron score: "
+                                        f"--prune_method {', '.join(STRUCTURED_METHODS)}")
+            if self.shrink and self.layer_sparsity != "uniform":
+                raise OffloadPruneError("--shrink keeps one MLP width for every layer (config.json holds one): "
+                                        "--layer-sparsity must be uniform")
             self.nm = None
         else:
             self.nm = parse_sparsity_type(self.sparsity_type)
+        if self.shrink and self.sparsity_type != "structured":
+            raise OffloadPruneError("--shrink removes whole MLP neurons: it goes with --sparsity_type structured")
+        if self.prune_method == "flap" and self.sparsity_type != "structured":
+            raise OffloadPruneError("--prune_method flap scores whole MLP neurons: use --sparsity_type structured")
         if self.nr_tfidf_mode not in ("doc", "topic"):
             raise OffloadPruneError(f"--nr-tfidf-mode must be doc or topic, got {self.nr_tfidf_mode!r}")
         if self.nr_mlp_signal not in ("down_input", "gate"):
@@ -112,6 +134,7 @@ class PruneConfig:
         if self.ria_permute and (self.prune_method != "ria" or self.nm is None):
             raise OffloadPruneError("--ria-permute is channel permutation for N:M sparsity with --prune_method ria")
         self._validate_layer_sparsity()
+        self._validate_block_removal()
         if self.percdamp < 0:
             raise OffloadPruneError(f"--percdamp must be >= 0, got {self.percdamp}")
         for name in ("nsamples", "seqlen", "micro_batch_size", "blocksize"):
@@ -143,6 +166,32 @@ class PruneConfig:
             raise OffloadPruneError(f"--layer-sparsity must be uniform, owl or a JSON file of ratios; "
                                     f"{self.layer_sparsity} is none of them")
 
+    def _validate_block_removal(self) -> None:
+        if self.prune_method != "shortgpt":
+            if self.remove_layers is not None or self.target_params is not None or self.angular:
+                raise OffloadPruneError("--remove-layers, --target-params and --angular go with "
+                                        "--prune_method shortgpt")
+            return
+        if self.remove_layers is None:
+            raise OffloadPruneError("--prune_method shortgpt needs --remove-layers N (blocks to remove), or "
+                                    "--remove-layers auto --target-params P")
+        if self.sparsity_type != "unstructured" or self.layer_sparsity != "uniform":
+            raise OffloadPruneError("--prune_method shortgpt removes whole blocks: --sparsity_type and "
+                                    "--layer-sparsity do not apply")
+        if self.remove_layers == "auto":
+            if self.angular:
+                raise OffloadPruneError("--angular removes a run of --remove-layers N blocks: give N, not auto")
+            if self.target_params is None:
+                raise OffloadPruneError("--remove-layers auto needs --target-params (e.g. 100M, 1.5B)")
+            self.param_budget = parse_count(self.target_params)
+            return
+        if self.target_params is not None:
+            raise OffloadPruneError("--target-params goes with --remove-layers auto")
+        if not self.remove_layers.isdigit() or int(self.remove_layers) < 1:
+            raise OffloadPruneError(f"--remove-layers must be a number of blocks >= 1 or auto, "
+                                    f"got {self.remove_layers!r}")
+        self.blocks_to_remove = int(self.remove_layers)
+
     @property
     def effective_sparsity(self) -> float:
         return self.nm[0] / self.nm[1] if self.nm else self.sparsity_ratio
@@ -155,6 +204,8 @@ class PruneConfig:
                  "layer_sparsity", *method_options]
         if self.layer_sparsity == "owl":
             names += ["owl_lambda", "owl_m"]
+        if self.sparsity_type == "structured":
+            names += ["shrink", "neuron_refit", "percdamp"]
         if self.nm is None:  # N:M fixes the ratio itself
             names.insert(1, "sparsity_ratio")
         return {name: getattr(self, name) for name in names}
@@ -169,6 +220,20 @@ def parse_bytes(text: str) -> int:
         return int(float(number) * units[unit])
     except ValueError:
         raise OffloadPruneError(f"not a memory size: {text!r} (e.g. 20GiB, 512MiB)") from None
+
+
+def parse_count(text: str) -> int:
+    """'135M', '1.5B', '7e9', '100000' -> a number of parameters (K/M/B/T are powers of 1000)."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+    cleaned = text.strip().lower()
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise OffloadPruneError(f"not a number of parameters: {text!r} (e.g. 100M, 1.5B)") from None
+    if value < 1:
+        raise OffloadPruneError(f"--target-params must be positive, got {text!r}")
+    return value
 
 
 def parse_sparsity_type(text: str) -> tuple[int, int] | None:

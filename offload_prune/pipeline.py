@@ -24,6 +24,8 @@ from transformers import AutoTokenizer
 
 from . import __version__, durable
 from .activations import ActivationStore
+from .block_removal import (AngularWindow, InfluenceMeter, check_blocks_expressed, check_removal_count,
+                            config_without_blocks, contiguous_run, lowest_influence, removal_for_budget, renumbered)
 from .calibration import calibration_windows
 from .checkpoint import INDEX_NAME, CheckpointReader, ShardLayout, side_files
 from .config import OffloadPruneError, PruneConfig
@@ -33,15 +35,17 @@ from .evaluate import evaluation_windows, perplexity
 from .hostmem import keep_large_allocations_mmapped
 from .layer_sparsity import OutlierCounter, owl_ratios, ratios_from_file
 from .methods import PruningMethod, build_method
+from .neurons import width_setting
 from .masks import zero_lowest
 from .matrices import Matrix, describe, find_matrices, observe, other_weights
 from .plan import check_budget, memory_plan
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import RunState
 from .selection import selected_matrices
-from .skeleton import StreamedModel, run_windows
+from .skeleton import StreamedModel, build_skeleton, run_windows
 
 LAYER_KWARGS = "layer_kwargs.pt"
+ANGULAR_STATES = "angular_{:05d}.pt"  # last-token states of the latest block boundaries (shortgpt --angular)
 REPORT_NAME = "report.json"
 
 
@@ -93,6 +97,7 @@ class Run:
     head: "LmHead | None"
     meter: PhaseMeter
     given_sparsities: list[float] | None  # per block, before any block is pruned (None: OWL measures them)
+    config_changes: dict  # settings of the output's config.json known before the run (the shrunk MLP width)
 
     def block_sparsity(self, index: int) -> float:
         return (self.given_sparsities or self.state.manifest["layer_sparsity"])[index]
@@ -109,6 +114,10 @@ def prune(config: PruneConfig) -> dict:
     meter = PhaseMeter(device)
     streamed = StreamedModel(reader, device, dtype)
     check_positions(streamed, config.seqlen)
+    if config.blocks_to_remove is not None:
+        check_removal_count(config.blocks_to_remove, streamed.num_layers)
+    # Refuses now, before any weight is read, if config.json cannot hold the new MLP width.
+    config_changes = width_setting(reader.config, config.sparsity_ratio) if config.shrink else {}
     tokenizer = load_tokenizer(reader.folder)
     with meter("calibration"):
         windows, text_size = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen,
@@ -137,7 +146,8 @@ def prune(config: PruneConfig) -> dict:
         if state.manifest["finished"]:
             return _already_finished(state, config)
         store = ActivationStore(state.dir, activation_shape, dtype, on_disk=config.offload_activations == "disk")
-        run = Run(config, reader, device, streamed, method, state, layout, store, head, meter, given_sparsities)
+        run = Run(config, reader, device, streamed, method, state, layout, store, head, meter, given_sparsities,
+                  config_changes)
         resumed = state.started
         try:
             _prune_and_write(run, windows)
@@ -170,6 +180,17 @@ def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
                if run.given_sparsities is None and state.manifest["layer_sparsity"] is None else "")
         print(f"resuming {state.save}: {state.completed_blocks} of {run.streamed.num_layers} blocks already done{owl}",
               file=sys.stderr)
+    if run.method.removes_blocks:
+        _remove_blocks(run, windows)
+    else:
+        _prune_blocks(run, windows)
+    if not state.manifest["finalized"]:
+        with meter("write"):
+            _write_outside(run)
+
+
+def _prune_blocks(run: Run, windows: torch.Tensor) -> None:
+    state, meter = run.state, run.meter
     if run.given_sparsities is None and state.manifest["layer_sparsity"] is None:
         if not state.manifest["captured"]:
             with meter("capture"):
@@ -184,12 +205,76 @@ def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
         layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
         inputs = run.store.open(state.completed_blocks)
         with meter("prune"):
-            for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks", disable=quiet,
+            for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks", disable=run.config.quiet,
                               initial=state.completed_blocks, total=num_layers):
                 inputs = _prune_block(run, index, layer_kwargs[index], inputs)
-    if not state.manifest["finalized"]:
-        with meter("write"):
-            _write_outside(run)
+
+
+def _remove_blocks(run: Run, windows: torch.Tensor) -> None:
+    """ShortGPT: each block's influence from a dense pass, the blocks to remove, then the others copied
+    unchanged under their new numbers, one committed stage per block."""
+    state, meter, streamed = run.state, run.meter, run.streamed
+    if state.manifest["removed_blocks"] is None:
+        if not state.manifest["captured"]:
+            with meter("capture"):
+                _capture(run, windows)
+        with meter("influence"):
+            measured = _dense_pass(run, "influence", "shortgpt: block influence", _start_influence)
+        influence = [m["influence"] for m in measured]
+        if run.config.angular:
+            removed = contiguous_run(_angular_by_start(run), run.config.blocks_to_remove)
+        elif run.config.param_budget is None:
+            removed = lowest_influence(influence, run.config.blocks_to_remove)
+        else:
+            removed = removal_for_budget(influence, [_block_params(run, i) for i in range(streamed.num_layers)],
+                                         sum(math.prod(shape) for shape in run.reader.shapes.values()),
+                                         run.config.param_budget)
+        _output_config(run, removed)  # refuses here, before any output, if config.json cannot say it
+        run.store.release()
+        state.commit(run_files={}, removed_blocks=removed, captured=False)
+    kept = _kept_blocks(run)
+    run.layout = _output_layout(streamed, run.head, kept)
+    if state.completed_blocks < len(kept):
+        with meter("copy"):
+            for new in tqdm(range(state.completed_blocks, len(kept)), desc="blocks kept", disable=run.config.quiet,
+                            initial=state.completed_blocks, total=len(kept)):
+                old = kept[new]
+                tensors = run.reader.read(streamed.block_names(old))
+                renamed = {renumbered(name, old, new): tensor for name, tensor in tensors.items()}
+                outputs = run.layout.write_unit(1 + new, state.save, renamed)
+                state.commit(outputs=outputs, stage=new, completed_blocks=new + 1)
+
+
+def _kept_blocks(run: Run) -> list[int]:
+    removed = set(run.state.manifest["removed_blocks"] or ())
+    return [i for i in range(run.streamed.num_layers) if i not in removed]
+
+
+def _block_params(run: Run, index: int) -> int:
+    return sum(math.prod(run.reader.shapes[name]) for name in run.streamed.block_names(index))
+
+
+def _start_influence(run: Run, index: int, block: nn.Module, layer_kwargs: dict, inputs: torch.Tensor):
+    meter = InfluenceMeter()
+
+    def result() -> tuple[dict, dict]:
+        measured = meter.result()
+        if not run.config.angular:
+            return measured, {}
+        states = (torch.load(run.state.dir / ANGULAR_STATES.format(index - 1), weights_only=True)
+                  if index > 0 else {})
+        window = AngularWindow(run.config.blocks_to_remove, states)
+        measured["angular"] = window.advance(index, torch.cat(meter.last_in), torch.cat(meter.last_out))
+        name = ANGULAR_STATES.format(index)
+        return measured, {name: durable.write_file(run.state.dir / name, lambda tmp: torch.save(window.states, tmp))}
+
+    return [meter.attach(block)], result
+
+
+def _angular_by_start(run: Run) -> list[float | None]:
+    """Angular distance of removing blocks l .. l + n - 1, by l (measured when block l + n - 1 ran)."""
+    measured, span = run.state.manifest["influence"], run.config.blocks_to_remove
+    return [measured[start + span - 1]["angular"] for start in range(len(measured) - span + 1)]
 
 
 def _already_finished(state: RunState, config: PruneConfig) -> dict:
@@ -216,6 +301,24 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
                                "owl_lambda": config.owl_lambda, "owl_m": config.owl_m}
                               if config.layer_sparsity == "owl" else {})},
     }
+    if run.method.removes_blocks:
+        report["target_sparsity"] = None
+        removed = state.manifest["removed_blocks"]
+        total = sum(math.prod(shape) for shape in run.reader.shapes.values())
+        report["block_removal"] = {
+            "influence": [m["influence"] for m in state.manifest["influence"]], "removed": removed,
+            "blocks_before": run.streamed.num_layers, "blocks_after": run.streamed.num_layers - len(removed),
+            "params_before": total, "params_after": total - sum(_block_params(run, i) for i in removed),
+            "rule": "angular distance" if config.angular else "block influence",
+            **({"angular_distance": _angular_by_start(run)} if config.angular else {})}
+        del report["layer_sparsity"]
+    if config.sparsity_type == "structured":
+        widths = {m["neurons"]: m["neurons_kept"] for m in state.modules.values() if "neurons" in m}
+        params_after, _ = run.layout.written_totals(state.save)
+        report["structured"] = {"shrink": config.shrink, "neuron_refit": config.neuron_refit,
+                                "widths": [[before, after] for before, after in sorted(widths.items())],
+                                "params_before": sum(math.prod(shape) for shape in run.reader.shapes.values()),
+                                "params_after": params_after}
     if evaluation is not None:
         options = dict(micro_batch_size=config.micro_batch_size,
                        on_disk=config.offload_activations == "disk", quiet=config.quiet)
@@ -236,15 +339,21 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
     return report
 
 
-def _output_layout(streamed: StreamedModel, head: "LmHead | None") -> ShardLayout:
+def _output_layout(streamed: StreamedModel, head: "LmHead | None", kept: list[int] | None = None) -> ShardLayout:
+    """Unit 0: the tensors outside the blocks; unit 1 + j: output block j (input block kept[j], all by
+    default), under its new number."""
     reader = streamed.reader
-    nbytes = {n: reader.nbytes(n) for n in reader.weight_map}
+    nbytes = {n: reader.nbytes(n) for n in streamed.outside_names}
     outside_names = list(streamed.outside_names)
     if head and head.name not in reader.weight_map:  # tied: the pruned head becomes a tensor of its own
         outside_names.append(head.name)
         nbytes[head.name] = reader.nbytes(head.source)
-    return ShardLayout([outside_names] + [streamed.block_names(i) for i in range(streamed.num_layers)],
-                       nbytes, reader.max_shard_bytes())
+    units = [outside_names]
+    for new, old in enumerate(range(streamed.num_layers) if kept is None else kept):
+        names = {renumbered(n, old, new) if new != old else n: n for n in streamed.block_names(old)}
+        nbytes.update({name: reader.nbytes(source) for name, source in names.items()})
+        units.append(list(names))
+    return ShardLayout(units, nbytes, reader.max_shard_bytes())
 
 
 def _capture(run: Run, windows: torch.Tensor) -> None:
@@ -260,39 +369,58 @@ def _capture(run: Run, windows: torch.Tensor) -> None:
     run.state.commit(run_files={LAYER_KWARGS: kwargs_record, run.store.name(0): acts_record}, captured=True)
 
 
-def _measure_outliers(run: Run) -> None:
-    """OWL's dense pass: each block's outlier ratio with its dense inputs, committed block by block like
-    the pruning pass (a crash resumes at the next block); then the per-block sparsities, and the
-    calibration capture is redone for the pruning pass (the dense activations are not its inputs)."""
+def _dense_pass(run: Run, key: str, desc: str, start_measuring) -> list[dict]:
+    """The calibration windows through the dense blocks, one measurement per block (manifest field
+    `key`), committed block by block like the pruning pass: a crash resumes at the next block.
+    `start_measuring(run, index, block, layer_kwargs, inputs)` hooks the block and returns the hooks
+    and a function giving, once the windows have run, the block's measurement and any run files
+    (name: record) it wrote for the blocks after it."""
     config, state, streamed = run.config, run.state, run.streamed
-    measured = state.manifest["outliers"]
+    measured = state.manifest[key]
     layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
     inputs = run.store.open(len(measured)) if len(measured) < streamed.num_layers else None  # None: all measured
-    for index in tqdm(range(len(measured), streamed.num_layers), desc="owl: outliers (dense)",
-                      disable=config.quiet, initial=len(measured), total=streamed.num_layers):
+    for index in tqdm(range(len(measured), streamed.num_layers), desc=desc, disable=config.quiet,
+                      initial=len(measured), total=streamed.num_layers):
         block = streamed.load_block(index)
-        kwargs = layer_kwargs[index]
-        matrices = find_matrices(block)
-        describe(block, matrices, probe=lambda: run_windows(block, kwargs, inputs[:1], None, 1, run.device))
-        chosen = selected_matrices(matrices, index, streamed.num_layers, config)
-        counter = OutlierCounter()
-        handles = observe(chosen, counter.add_batch, weight_by_router=True)
+        handles, result = start_measuring(run, index, block, layer_kwargs[index], inputs)
         last = index + 1 == streamed.num_layers
         try:
-            run_windows(block, kwargs, inputs, None if last else run.store.output_buffer(index + 1),
+            run_windows(block, layer_kwargs[index], inputs, None if last else run.store.output_buffer(index + 1),
                         config.micro_batch_size, run.device)
         finally:
             for handle in handles:
                 handle.remove()
-        ratio, weights = counter.outlier_ratio(chosen, config.owl_m)
-        measured = [*measured, {"outlier_ratio": ratio, "weights": weights}]
-        run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
+        measurement, extra_files = result()
+        measured = [*measured, measurement]
+        run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS), **extra_files}
         if not last:
             run_files[run.store.name(index + 1)] = run.store.commit(index + 1)
-        state.commit(run_files=run_files, outliers=measured)
+        state.commit(run_files=run_files, **{key: measured})
         streamed.unload_block(index)
         gc.collect()
         inputs = run.store.tensor
+    return measured
+
+
+def _start_outliers(run: Run, index: int, block: nn.Module, layer_kwargs: dict, inputs: torch.Tensor):
+    matrices = find_matrices(block)
+    describe(block, matrices, probe=lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, run.device))
+    chosen = selected_matrices(matrices, index, run.streamed.num_layers, run.config)
+    counter = OutlierCounter()
+
+    def result() -> tuple[dict, dict]:
+        ratio, weights = counter.outlier_ratio(chosen, run.config.owl_m)
+        return {"outlier_ratio": ratio, "weights": weights}, {}
+
+    return observe(chosen, counter.add_batch, weight_by_router=True), result
+
+
+def _measure_outliers(run: Run) -> None:
+    """OWL's dense pass: each block's outlier ratio with its dense inputs; then the per-block
+    sparsities, and the calibration capture is redone for the pruning pass (the dense activations
+    are not its inputs)."""
+    config, state, streamed = run.config, run.state, run.streamed
+    measured = _dense_pass(run, "outliers", "owl: outliers (dense)", _start_outliers)
     pruned = [i for i, m in enumerate(measured) if m["weights"]]
     ratios = owl_ratios([measured[i]["outlier_ratio"] for i in pruned], [measured[i]["weights"] for i in pruned],
                         config.sparsity_ratio, config.owl_lambda)
@@ -389,10 +517,13 @@ def _write_outside(run: Run) -> None:
         modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude",
                               "kind": "lm_head"}
     outputs = run.layout.write_unit(0, state.save, outside)
-    outputs[INDEX_NAME] = durable.write_text(state.save / INDEX_NAME, run.layout.index_text())
+    _, total_bytes = run.layout.written_totals(state.save)
+    outputs[INDEX_NAME] = durable.write_text(state.save / INDEX_NAME, run.layout.index_text(total_bytes))
     for path in side_files(reader.folder):
-        if path.name == "config.json" and head and head.name != head.source:
-            outputs[path.name] = durable.write_text(state.save / path.name, untied_config_text(path))
+        if path.name == "config.json" and (head and head.name != head.source or run.method.removes_blocks
+                                           or run.config_changes):
+            text = json.dumps(_output_config(run, state.manifest["removed_blocks"]), indent=2) + "\n"
+            outputs[path.name] = durable.write_text(state.save / path.name, text)
         else:
             outputs[path.name] = durable.copy_file(path, state.save / path.name)
     state.commit(outputs=outputs, stage=run.streamed.num_layers, run_files={}, finalized=True, modules=modules)
@@ -421,10 +552,20 @@ class LmHead:
         return weight
 
 
-def untied_config_text(config_path) -> str:
-    config = json.loads(config_path.read_text())
-    config["tie_word_embeddings"] = False
-    return json.dumps(config, indent=2) + "\n"
+def _output_config(run: Run, removed: list[int] | None) -> dict:
+    """config.json of the output: the head untied when it was pruned apart from a tied embedding; the
+    blocks that remain, when blocks were removed (checked against what transformers builds from it)."""
+    config = json.loads((run.reader.folder / "config.json").read_text())
+    if run.head and run.head.name != run.head.source:
+        config["tie_word_embeddings"] = False
+    if removed:
+        kept = [i for i in range(run.streamed.num_layers) if i not in set(removed)]
+        edited = config_without_blocks(config, run.reader.config, kept)
+        _, _, new_layers = build_skeleton(type(run.reader.config).from_dict(edited))
+        check_blocks_expressed(run.streamed.layers, new_layers, kept,
+                               [k for k in edited if k != "num_hidden_layers" and edited[k] != config.get(k)])
+        config = edited
+    return {**config, **run.config_changes}
 
 
 def _collect(method, block: nn.Module, matrices: dict[str, Matrix], kwargs: dict, inputs: torch.Tensor,

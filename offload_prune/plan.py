@@ -9,6 +9,8 @@ its own line, for the compute device and for the host, with the parts that make 
 - prune:       the largest of its steps: loading a block (stored and compute copies), collecting
                statistics and pruning (block, the method's statistics and workspace, one
                micro-batch), writing it (block, its stored copy, one tensor being serialized);
+- influence:   (shortgpt) one block with one micro-batch, in the dense pass;
+- copy:        (shortgpt) one kept block's stored tensors, read and written under new names;
 - write:       the tensors outside the blocks, one being serialized, the head's prune workspace;
 - eval:        the largest of: the embedding step, one block with one micro-batch, and embedding
                and head with the logits of one chunk of positions.
@@ -77,7 +79,8 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     matrices = find_matrices(block)
     describe(block, matrices)
     chosen = selected_matrices(matrices, len(layers) - 1, len(layers), config) or matrices
-    method = build_method(config).memory_bytes(chosen, compute)
+    pruning_method = build_method(config)
+    method = pruning_method.memory_bytes(chosen, compute)
     hidden, vocab = model_config.hidden_size, model_config.vocab_size
     cache = config.nsamples * config.seqlen * hidden * compute.itemsize
     eval_cache = eval_windows * config.seqlen * hidden * compute.itemsize
@@ -112,6 +115,11 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
                   "micro_batch": micro_batch}, {}),
                 ({"block_weights": block_compute,
                   "outlier_scores": 3 * max(m.weight.numel() for m in chosen.values()) * 4}, {})],
+        # ShortGPT's dense pass: a block and one micro-batch (the influence is a running sum).
+        "influence": [({"block_weights": block_compute}, stored_loading),
+                      ({"block_weights": block_compute, "micro_batch": micro_batch}, {})],
+        # ShortGPT's output: each kept block's stored tensors read and written under new names.
+        "copy": [({}, {"stored_block": block_stored, "serialized_tensor": largest_in_block * stored.itemsize})],
         "prune": [({"block_weights": block_compute}, stored_loading),  # load
                   ({"block_weights": block_compute, "method_peak": max(method["statistics"], method["prune"]),
                     "micro_batch": micro_batch}, {}),  # statistics, prune, propagate
@@ -128,7 +136,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     }
     device_plan, host_plan = {}, {}
     for name, steps in phases.items():
-        caches = {"activation_cache": cache if in_ram and name in ("capture", "owl", "prune") else 0,
+        caches = {"activation_cache": cache if in_ram and name in ("capture", "owl", "influence", "prune") else 0,
                   "eval_cache": eval_cache if in_ram and name == "eval" else 0}
         fixed = {"process": process_bytes, **{k: v for k, v in caches.items() if v}}
         devices, hosts = [], []
@@ -143,8 +151,10 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         host_plan[name] = max(hosts, key=lambda parts: parts["peak"])
     if not eval_windows:
         del device_plan["eval"], host_plan["eval"]
-    if config.layer_sparsity != "owl":
-        del device_plan["owl"], host_plan["owl"]
+    unused = ["owl"] if config.layer_sparsity != "owl" else []
+    unused += ["prune"] if pruning_method.removes_blocks else ["influence", "copy"]
+    for name in unused:
+        del device_plan[name], host_plan[name]
     device_phase = max(device_plan, key=lambda p: device_plan[p]["peak"])
     host_phase = max(host_plan, key=lambda p: host_plan[p]["peak"])
     return {"device_type": device_type, "compute_dtype": str(compute).replace("torch.", ""),

@@ -110,8 +110,41 @@ def _gib(value: int | None) -> str:
 
 
 def format_summary(report: dict) -> str:
-    lines = [f"offload-prune: {report['method']} {report['sparsity_type']} "
-             f"(target sparsity {report['target_sparsity']:.2%}) -> {report.get('save', '')}"]
+    removal = report.get("block_removal")
+    lines = ([_removal_summary(report, removal)] if removal else
+             [f"offload-prune: {report['method']} {report['sparsity_type']} "
+              f"(target sparsity {report['target_sparsity']:.2%}) -> {report.get('save', '')}"] +
+             _sparsity_summary(report))
+    for which in ("dense", "pruned"):
+        ppl = report.get("perplexity", {}).get(which)
+        if ppl:
+            lines.append(f"  perplexity {which:<7} {ppl['ppl']:.4f} ({ppl['windows']} windows x {ppl['seqlen']} tokens)")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
+    lines.append(f"  time: {phases}")
+    plan = report["memory_plan"]
+    memory = f"  peak host RSS {_gib(report['peak_host_rss_bytes'])} (plan {_gib(plan['host']['peak'])})"
+    if report["peak_device_bytes"] is not None:
+        memory += (f", peak device memory {_gib(report['peak_device_bytes'])} reserved "
+                   f"(plan {_gib(plan['device']['peak'])})")
+    lines.append(memory)
+    return "\n".join(lines)
+
+
+def _removal_summary(report: dict, removal: dict) -> str:
+    removed, influence = removal["removed"], removal["influence"]
+    before, after = removal["params_before"], removal["params_after"]
+    how = "the closest run by angular distance" if removal["rule"] == "angular distance" else "lowest Block Influence"
+    return "\n".join([
+        f"offload-prune: {report['method']} removed {len(removed)} of {removal['blocks_before']} blocks -> "
+        f"{report.get('save', '')}",
+        f"  removed blocks ({how}): {', '.join(map(str, removed))}",
+        f"  influence of the removed: {', '.join(f'{influence[i]:.4f}' for i in removed)}; of the kept: "
+        f"{min(v for i, v in enumerate(influence) if i not in removed):.4f} and up",
+        f"  parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})"])
+
+
+def _sparsity_summary(report: dict) -> list[str]:
+    lines = []
     lines.append(f"  {'modules':<10} {'count':>6} {'weights':>14} {'zeros':>14} {'sparsity':>9}")
     for kind, entry in report["totals"].items():
         lines.append(f"  {kind:<10} {entry['modules']:>6} {entry['numel']:>14,} {entry['zeros']:>14,} "
@@ -139,16 +172,12 @@ def format_summary(report: dict) -> str:
                      f"{len(ratios)} blocks (each block's ratio in report.json)")
     if report.get("nm_valid") is not None:
         lines.append(f"  N:M pattern valid in every module: {report['nm_valid']}")
-    for which in ("dense", "pruned"):
-        ppl = report.get("perplexity", {}).get(which)
-        if ppl:
-            lines.append(f"  perplexity {which:<7} {ppl['ppl']:.4f} ({ppl['windows']} windows x {ppl['seqlen']} tokens)")
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
-    lines.append(f"  time: {phases}")
-    plan = report["memory_plan"]
-    memory = f"  peak host RSS {_gib(report['peak_host_rss_bytes'])} (plan {_gib(plan['host']['peak'])})"
-    if report["peak_device_bytes"] is not None:
-        memory += (f", peak device memory {_gib(report['peak_device_bytes'])} reserved "
-                   f"(plan {_gib(plan['device']['peak'])})")
-    lines.append(memory)
-    return "\n".join(lines)
+    structured = report.get("structured")
+    if structured:
+        widths = ", ".join(f"{before} -> {after}" for before, after in structured["widths"])
+        how = "removed (matrices and intermediate size shrunk)" if structured["shrink"] else "zeroed (shapes kept)"
+        before, after = structured["params_before"], structured["params_after"]
+        lines.append(f"  MLP neurons per layer: {widths}, {how}; output matrix "
+                     f"{'refitted by least squares' if structured['neuron_refit'] else 'not refitted'}")
+        lines.append(f"  parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})")
+    return lines

@@ -35,6 +35,7 @@ MANIFEST = "manifest.json"
 
 def _fresh(fingerprint: dict) -> dict:
     return {"fingerprint": fingerprint, "captured": False, "outliers": [], "layer_sparsity": None,
+            "influence": [], "removed_blocks": None,
             "completed_blocks": 0, "finalized": False, "finished": False, "outputs": {}, "run_files": {},
             "modules": {}, "unpruned": {}}
 
@@ -56,7 +57,8 @@ class RunState:
     @property
     def started(self) -> bool:
         m = self.manifest
-        return m["captured"] or bool(m["outliers"]) or m["layer_sparsity"] is not None
+        return (m["captured"] or bool(m["outliers"]) or m["layer_sparsity"] is not None or bool(m["influence"])
+                or m["removed_blocks"] is not None)
 
     @classmethod
     def prepare(cls, save: Path, input_folder: Path, fingerprint: dict, num_layers: int, overwrite: bool,

@@ -31,7 +31,7 @@ def hand_quantile(values, q):
 
 
 def test_doc_mode_by_hand():
-    stats = ChannelStatistics("doc", options())
+    stats = ChannelStatistics("doc", options(nr_q_active=0.6))  # the seeds' quantile
     stats.add(ACTS[:1], 0)
     stats.add(ACTS[1:], 0)
     rows = ACTS.tolist()

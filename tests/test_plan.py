@@ -36,24 +36,29 @@ def test_block_weights_and_activation_cache_match_the_plan(tiny_llama, tmp_path)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
-def test_every_phase_measured_within_the_plan(checkpoint_factory, tmp_path):
+@pytest.mark.parametrize("options, phases", [
+    (["--prune_method", "wanda", "--nr-prune-lm-head", "--layer-sparsity", "owl"], ["owl", "prune"]),
+    (["--prune_method", "shortgpt", "--remove-layers", 1], ["influence", "copy"]),
+    (["--prune_method", "wanda", "--sparsity_type", "structured", "--shrink"], ["prune"]),
+])
+def test_every_phase_measured_within_the_plan(checkpoint_factory, tmp_path, options, phases):
     """A run through every phase (calibration, capture, OWL's dense pass, prune, write with the head
-    pruned, both evaluations), in a fresh process: each phase's measured peak RSS is at most 10 % above its
+    pruned, both evaluations; ShortGPT's dense pass and copies; whole neurons removed with the output
+    matrix refitted), in a fresh process: each phase's measured peak RSS is at most 10 % above its
     planned peak and not more than 1.5x below it. The model is wide enough (32k vocabulary, width
     1024) that embedding, head, logits and block terms are a large part of each phase; its head is
     tied, so the pruned model (head untied) holds one more vocabulary matrix than the dense one."""
     model = checkpoint_factory(num_layers=2, hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=32000,
                                dtype=torch.float16, max_shard_size="200MB", tie_word_embeddings=True)
     save = tmp_path / "out"
-    result = run_cli("--model", model, "--save", save, "--prune_method", "wanda", "--nr-prune-lm-head",
-                     "--layer-sparsity", "owl",
+    result = run_cli("--model", model, "--save", save, *options,
                      "--calib-data", model / "demo.txt", "--nsamples", 8, "--seqlen", 512, "--eval-ppl",
                      "--eval-data", model / "demo.txt", "--eval-max-windows", 4, "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((save / "report.json").read_text())
     planned = report["memory_plan"]["phases"]
     measured = report["phase_peaks"]
-    assert set(measured) == {"calibration", "capture", "owl", "prune", "write", "eval_dense", "eval_pruned"}
+    assert set(measured) == {"calibration", "capture", *phases, "write", "eval_dense", "eval_pruned"}
     for phase, peaks in measured.items():
         plan = planned["eval" if phase.startswith("eval") else phase]["host"]
         print(f"{phase}: planned {plan / 2**20:.0f} MiB, measured {peaks['host'] / 2**20:.0f} MiB")

@@ -108,6 +108,33 @@ def test_owl_dense_pass_killed_at_every_step_then_resumed_is_identical(resume_mo
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("removal", [["--remove-layers", 1], ["--remove-layers", 2, "--angular"]])
+def test_shortgpt_killed_at_every_step_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path, removal):
+    """ShortGPT's dense pass (with --angular, its last-token states carried between blocks), its choice
+    of blocks and the renumbered copies commit and resume the same way."""
+    args = lambda save: prune_args(resume_model, save, "--prune_method", "shortgpt", *removal)  # noqa: E731
+    code, printed = worker.run(*args(tmp_path / "uninterrupted"))
+    assert code == 0, printed
+    expected = folder_digests(tmp_path / "uninterrupted")
+    steps = worker.steps(*args(tmp_path / "logged"))
+    failures = sweep_kills(worker, args, steps, expected, tmp_path)
+    print(f"shortgpt: {len(steps)} kill points swept, {len(steps) - len(failures)} identical")
+    assert not failures, "\n".join(failures)
+
+
+def test_shrink_killed_every_few_steps_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
+    """Removed neurons change the shapes written, the index's total and config.json; a resumed run
+    still writes the same files."""
+    args = lambda save: prune_args(resume_model, save, "--sparsity_type", "structured", "--shrink")  # noqa: E731
+    code, printed = worker.run(*args(tmp_path / "uninterrupted"))
+    assert code == 0, printed
+    expected = folder_digests(tmp_path / "uninterrupted")
+    steps = worker.steps(*args(tmp_path / "logged"))
+    every_fifth = [step if k % 5 == 0 or k >= len(steps) - 12 else None for k, step in enumerate(steps)]
+    failures = sweep_kills(worker, args, every_fifth, expected, tmp_path)
+    assert not failures, "\n".join(failures)
+
+
 def test_double_kill_then_resume_is_identical(resume_model, prune_args, worker, uninterrupted, tmp_path):
     steps = worker.steps(*prune_args(resume_model, tmp_path / "logged"))
     failures = []

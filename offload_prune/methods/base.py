@@ -11,6 +11,7 @@ import torch
 from ..config import PruneConfig
 from ..masks import ScoreRows, chunk_workspace_bytes, zero_lowest
 from ..matrices import Matrix
+from ..neurons import InputMoments, MlpUnit
 
 
 class PruningMethod:
@@ -22,6 +23,10 @@ class PruningMethod:
     options: tuple[str, ...] = ()
     #: Whether an expert's inputs are scaled by the router weight of each token (see README, MoE).
     weights_by_router: bool = True
+    #: True when the method removes whole blocks instead of pruning weights (block_removal.py).
+    removes_blocks: bool = False
+    #: Structured pruning: whether a removed neuron's mean contribution goes into the output bias (FLAP).
+    compensates_bias: bool = False
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -49,6 +54,12 @@ class PruningMethod:
         """Prune these linears in place to `sparsity` (this block's ratio: --layer-sparsity may give each
         block its own; N:M ignores it); return anything worth reporting per module."""
         raise NotImplementedError
+
+    def neuron_scores(self, unit: MlpUnit, moments: InputMoments | None) -> torch.Tensor:
+        """Structured pruning: one importance per neuron of this MLP unit (higher is kept), from the
+        weights, this method's statistics and the moments of the output matrix's input (None when no
+        calibration ran)."""
+        raise NotImplementedError(f"{type(self).__name__} has no neuron score")
 
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
         """Compute-device bytes beyond the block's weights, for the memory plan: `statistics` held

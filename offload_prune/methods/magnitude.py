@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..neurons import InputMoments, MlpUnit, neuron_norms
 from .base import ScoreMaskMethod
 
 
@@ -12,3 +13,7 @@ class Magnitude(ScoreMaskMethod):
 
     def scorer(self, name: str, weight: torch.Tensor):
         return lambda rows: weight[rows].float().abs()
+
+    def neuron_scores(self, unit: MlpUnit, moments: InputMoments | None) -> torch.Tensor:
+        """The L2 norm of the neuron's weights (its rows and its column)."""
+        return neuron_norms(unit)

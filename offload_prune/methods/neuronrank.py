@@ -35,8 +35,9 @@ import math
 import torch
 
 from ..config import PruneConfig
-from ..masks import ScoreRows, lowest_k, row_chunks, zero_lowest
+from ..masks import ScoreRows, row_chunks, zero_lowest
 from ..matrices import Matrix
+from ..neurons import InputMoments, MlpUnit, neuron_norms
 from .base import PruningMethod
 
 PROJECTION_DIM = 128
@@ -199,7 +200,8 @@ class NeuronRank(PruningMethod):
         super().__init__(config)
         self.variant = variant or config.prune_method
         self.mode = "old" if self.variant == "neuronrank_old" else config.nr_tfidf_mode
-        self.by_input = self.mode != "old" and config.nr_score == "input"
+        # Whole neurons (structured) are scored by their neuron signal, whatever --nr-score says.
+        self.by_input = self.mode != "old" and config.nr_score == "input" and config.sparsity_type != "structured"
         self.calibration_passes = 2 if self.mode == "topic" else 1
         self.signals: dict[str, ChannelStatistics] = {}
         self.calibration_pass = 0
@@ -258,8 +260,6 @@ class NeuronRank(PruningMethod):
             return {name: {"rule": self.rule(name)} for name in linears}
         factors = {key: stats.neuron_factor() for key, stats in self.signals.items()}
         self.signals = {}
-        if self.config.sparsity_type == "structured":
-            return self._prune_neurons(linears, factors, sparsity)
         for name, linear in linears.items():
             key, _, axis = signal_of(self.matrices, name, self.config.nr_mlp_signal)
             factor = factors[key].float()
@@ -291,25 +291,10 @@ class NeuronRank(PruningMethod):
 
         return score_rows
 
-    def _prune_neurons(self, linears: dict[str, Matrix], factors: dict[str, torch.Tensor],
-                       sparsity: float) -> dict[str, dict]:
-        """Whole MLP neurons: the rows of a unit's input matrices (gate/up, fc1, c_fc; both halves of a
-        fused gate_up) and the column of its output matrix go together, by neuron score."""
-        results = {}
-        for output in [m for m in linears.values() if m.position == "out" and m.kind == "mlp"]:
-            members = [m for m in linears.values() if m.unit == output.unit and m.position == "in"]
-            neurons = output.in_features
-            norms = output.weight.float().pow(2).sum(dim=0)
-            for m in members:  # fold each matrix's row norms onto the neurons its rows belong to
-                rows = m.weight.float().pow(2).sum(dim=1)
-                norms += rows.reshape(-1, rows.numel() // neurons).sum(1) if m.interleaved \
-                    else rows.reshape(-1, neurons).sum(0)
-            key = signal_of(linears, output.name, self.config.nr_mlp_signal)[0]
-            scores = norms.sqrt() ** self.config.weight_exp * factors[key].float()
-            removed = lowest_k(scores[None], int(scores.numel() * sparsity))[0]
-            for m in members:
-                m.weight[neuron_rows(removed, m.out_features, m.interleaved), :] = 0
-            output.weight[:, removed] = 0
-            for m in [output, *members]:
-                results[m.name] = {"rule": "neuronrank_old(structured)", "neurons_removed": int(removed.sum())}
-        return results
+    def neuron_scores(self, unit: MlpUnit, moments: InputMoments | None) -> torch.Tensor:
+        """Structured: the neuron's L2 norm over its rows and its column, to the weight exponent, times
+        its TF-IDF factor (neuronrank_old: TF only) from the unit's neuron signal."""
+        key = signal_of(self.matrices, unit.output.name, self.config.nr_mlp_signal)[0]
+        factor = self.signals.pop(key).neuron_factor().double()
+        norms = neuron_norms(unit)
+        return norms ** self.config.weight_exp * factor.to(norms.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..neurons import InputMoments, MlpUnit, fold_rows
 from .base import ScoreMaskMethod
 
 
@@ -37,3 +38,12 @@ class Wanda(ScoreMaskMethod):
     def scorer(self, name: str, weight: torch.Tensor):
         input_norm = self.sum_squares.pop(name).sqrt().to(weight.device, torch.float32)
         return lambda rows: weight[rows].float().abs().mul_(input_norm)
+
+    def neuron_scores(self, unit: MlpUnit, moments: InputMoments | None) -> torch.Tensor:
+        """The neuron's summed Wanda score: |W_ij| * ||X_j|| over its rows and its column."""
+        out = unit.output.weight.double()
+        scores = out.abs().sum(0) * self.sum_squares.pop(unit.output.name).to(out.device, torch.float64).sqrt()
+        for m in unit.inputs:
+            norms = self.sum_squares.pop(m.name).to(out.device, torch.float64).sqrt()
+            scores += fold_rows(m.weight.double().abs() @ norms, m, unit.neurons)
+        return scores

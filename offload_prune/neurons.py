@@ -1,0 +1,225 @@
+"""Whole MLP neurons: which matrices hold each neuron, removing neurons (the matrices shrink) or
+zeroing them (the shapes stay), and the least-squares update of the output matrix on the kept ones.
+
+A unit is one MLP as `matrices.describe` finds it: its input matrices (gate/up, a fused gate_up,
+fc1, c_fc), whose rows are its neurons, and its output matrix (down, fc2, c_proj), whose columns
+are. Removing neuron n removes its rows (both halves of a fused gate_up) and its column.
+
+The output matrix can be refitted on the kept neurons: with X the output matrix's input over the
+calibration tokens (its H = sum x x^T and sum x), W' = argmin ||W X - W' X_S|| is
+W H[:, S] (H_SS + damping)^-1. When the output matrix has a bias, the fit has an intercept: centred
+statistics, and the bias takes W mu - W' mu_S (FLAP's bias compensation is the case W' = W_S).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import OffloadPruneError
+from .matrices import Matrix, describe, find_matrices
+
+#: The kept width is a multiple of this (tensor-core and SIMD friendly, as the issue asks).
+WIDTH_MULTIPLE = 8
+
+
+@dataclass
+class MlpUnit:
+    name: str
+    inputs: list[Matrix]   # rows are neurons
+    output: Matrix         # columns are neurons
+
+    @property
+    def neurons(self) -> int:
+        return self.output.in_features
+
+    @property
+    def matrices(self) -> list[Matrix]:
+        return [*self.inputs, self.output]
+
+
+def mlp_units(matrices: dict[str, Matrix]) -> list[MlpUnit]:
+    """The MLP units among these matrices (experts each their own unit)."""
+    units = []
+    for output in matrices.values():
+        if output.kind == "mlp" and output.position == "out":
+            inputs = [m for m in matrices.values() if m.unit == output.unit and m.position == "in" and m.kind == "mlp"]
+            if inputs:
+                units.append(MlpUnit(output.unit, inputs, output))
+    return units
+
+
+def kept_width(neurons: int, ratio: float) -> int:
+    """(1 - ratio) x neurons, rounded to a multiple of WIDTH_MULTIPLE, at least one multiple."""
+    if neurons <= WIDTH_MULTIPLE:
+        return max(1, round((1 - ratio) * neurons))
+    return min(neurons, max(WIDTH_MULTIPLE, round((1 - ratio) * neurons / WIDTH_MULTIPLE) * WIDTH_MULTIPLE))
+
+
+def highest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores, ascending (ties: the lower index is kept)."""
+    order = torch.sort(scores.double(), descending=True, stable=True).indices[:count]
+    return torch.sort(order).values
+
+
+def rows_of(neurons: torch.Tensor, matrix: Matrix, width: int) -> torch.Tensor:
+    """Rows of an input matrix that belong to these neurons: k rows per neuron when projections are
+    fused ([gate..., up...] or interleaved [gate0, up0, ...])."""
+    k = matrix.out_features // width
+    if k == 1:
+        return neurons
+    if matrix.interleaved:
+        return (neurons[:, None] * k + torch.arange(k)).reshape(-1)
+    return (torch.arange(k)[:, None] * width + neurons).reshape(-1)
+
+
+def fold_rows(values: torch.Tensor, matrix: Matrix, width: int) -> torch.Tensor:
+    """Per-row values of an input matrix summed onto their neurons."""
+    k = values.numel() // width
+    return values.reshape(width, k).sum(1) if matrix.interleaved else values.reshape(k, width).sum(0)
+
+
+def neuron_norms(unit: MlpUnit) -> torch.Tensor:
+    """L2 norm of each neuron's weights (its rows and its column), float64."""
+    squares = unit.output.weight.double().pow(2).sum(0)
+    for m in unit.inputs:
+        squares += fold_rows(m.weight.double().pow(2).sum(1), m, unit.neurons)
+    return squares.sqrt()
+
+
+@dataclass
+class InputMoments:
+    """Of the output matrix's input (one value per neuron), over the calibration tokens."""
+    tokens: int
+    sums: torch.Tensor                 # float64 [n]
+    squares: torch.Tensor              # float64 [n]
+    gram: torch.Tensor | None = None   # sum x x^T [n, n], when the output matrix is refitted
+
+    def add(self, x: torch.Tensor, with_gram: bool) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        x = x.double() if x.device.type == "cpu" else x.float()
+        self.tokens += x.shape[0]
+        self.sums += x.sum(0)
+        self.squares += (x * x).sum(0)
+        if with_gram:
+            self.gram = x.T @ x if self.gram is None else self.gram.addmm_(x.T, x)
+
+    @classmethod
+    def empty(cls, n: int, device: torch.device) -> "InputMoments":
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        return cls(0, torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sums / max(self.tokens, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.squares / max(self.tokens, 1) - self.mean ** 2).clamp_min(0)
+
+
+def refit_output(weight: torch.Tensor, moments: InputMoments, kept: torch.Tensor, with_bias: bool,
+                 percdamp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares output weights on the kept neurons, and the bias shift when there is a bias."""
+    w = weight.double() if weight.device.type == "cpu" else weight.float()
+    gram = moments.gram.to(w.dtype)
+    if with_bias:  # the intercept absorbs the means: fit the centred inputs
+        mean = moments.mean.to(w.dtype)
+        gram = gram / moments.tokens - torch.outer(mean, mean)
+    system = gram[kept][:, kept].clone()
+    damping = percdamp * torch.diagonal(system).mean().clamp_min(1e-12)
+    system.diagonal().add_(damping)
+    right = w @ gram[:, kept]                                    # [out, k]
+    refit = torch.linalg.solve(system, right.T).T                # W H[:, S] H_SS^-1
+    shift = w @ mean - refit @ mean[kept] if with_bias else None
+    return refit.to(weight.dtype), (shift.to(weight.dtype) if shift is not None else None)
+
+
+def compensation(weight: torch.Tensor, moments: InputMoments, removed: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias compensation: what the removed neurons add on average, W[:, removed] mu_removed."""
+    w = weight.double() if weight.device.type == "cpu" else weight.float()
+    return (w[:, removed] @ moments.mean.to(w.dtype)[removed]).to(weight.dtype)
+
+
+# -- changing the matrices ---------------------------------------------------------------------
+def zero_neurons(unit: MlpUnit, kept: torch.Tensor) -> None:
+    removed = torch.ones(unit.neurons, dtype=torch.bool)
+    removed[kept] = False
+    removed = torch.nonzero(removed).flatten()
+    for m in unit.inputs:
+        m.weight[rows_of(removed, m, unit.neurons).to(m.weight.device)] = 0
+    unit.output.weight[:, removed.to(unit.output.weight.device)] = 0
+
+
+def shrink_neurons(unit: MlpUnit, kept: torch.Tensor) -> None:
+    """Replace the unit's parameters by ones holding only the kept neurons (sizes the modules report
+    follow: nn.Linear's in/out_features, Conv1D's nf)."""
+    width = unit.neurons
+    for m in unit.inputs:
+        _select(m, rows_of(kept, m, width), along_rows=True)
+    _select(unit.output, kept, along_rows=False)
+
+
+def _select(matrix: Matrix, index: torch.Tensor, along_rows: bool) -> None:
+    from transformers.pytorch_utils import Conv1D
+    module = matrix.module
+    if matrix.expert is not None:
+        raise OffloadPruneError(f"{matrix.name}: removing neurons of experts is not supported (--shrink); "
+                                "without --shrink they are zeroed")
+    transposed = isinstance(module, Conv1D)  # stored [in, out]
+    dim = (0 if along_rows else 1) ^ transposed
+    weight = module.weight.data.index_select(dim, index.to(module.weight.device))
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    if along_rows and module.bias is not None:
+        module.bias = nn.Parameter(module.bias.data.index_select(0, index.to(module.bias.device)), requires_grad=False)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    if transposed:
+        module.nf = weight.shape[1]
+    matrix.weight = weight.t() if transposed else weight
+    matrix.bias = module.bias
+
+
+def set_output(unit: MlpUnit, weight: torch.Tensor, bias_shift: torch.Tensor | None) -> None:
+    """New values for the output matrix ([out, kept], already shrunk or in the kept columns) and its bias."""
+    unit.output.weight.copy_(weight)
+    if bias_shift is not None:
+        unit.output.bias.add_(bias_shift)
+
+
+# -- the config ----------------------------------------------------------------------------------
+def width_setting(model_config, ratio: float) -> dict[str, int]:
+    """The config.json change that gives every MLP the kept width: {setting: kept width}. The setting
+    that holds the width is found by asking transformers: the one whose change builds exactly the
+    shrunk block (a meta copy of block 0 shrunk the way the run shrinks every block)."""
+    from .skeleton import build_skeleton
+
+    _, _, layers = build_skeleton(model_config)
+    shrunk = layers[0]
+    matrices = find_matrices(shrunk)
+    describe(shrunk, matrices)
+    units = mlp_units({n: m for n, m in matrices.items() if m.kind == "mlp"})
+    if not units:
+        raise OffloadPruneError("--shrink: no MLP with an input and an output matrix in the blocks")
+    widths = {u.neurons for u in units}
+    if len(widths) > 1 or any(m.expert is not None for u in units for m in u.matrices):
+        raise OffloadPruneError("--shrink: Mixture-of-Experts MLPs are not supported (every layer must share one "
+                                "width); without --shrink the neurons are zeroed")
+    width = widths.pop()
+    kept = kept_width(width, ratio)
+    for unit in units:
+        shrink_neurons(unit, torch.arange(kept))
+    wanted = {n: tuple(p.shape) for n, p in shrunk.named_parameters()}
+    settings = model_config.to_dict()
+    candidates = [k for k, v in settings.items() if v == width and type(v) is int]
+    candidates += [k for k, v in settings.items() if v is None]  # GPT-2's n_inner: None means 4 x n_embd
+    for key in candidates:
+        try:
+            _, _, layers = build_skeleton(type(model_config).from_dict({**settings, key: kept}))
+        except Exception:  # a setting that does not take this value
+            continue
+        if all({n: tuple(p.shape) for n, p in layer.named_parameters()} == wanted for layer in layers):
+            return {key: kept}
+    raise OffloadPruneError(f"--shrink: no setting in config.json gives the MLP {kept} neurons instead of {width}; "
+                            "without --shrink the neurons are zeroed")
