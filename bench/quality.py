@@ -86,8 +86,9 @@ class Bench:
         from offload_prune.pipeline import prune
 
         p = self.preset
+        settings = {"nsamples": p["nsamples"], "seqlen": p["seqlen"], "quiet": True, **options}
         return prune(PruneConfig(model=str(p["model"]), save=save, prune_method=method, calib_data=str(p["calib"]),
-                                 nsamples=p["nsamples"], seqlen=p["seqlen"], quiet=True, **options))
+                                 **settings))
 
     def run(self, method: str, **options) -> dict:
         """Prune with these options, then measure; the pruned model is deleted afterwards."""

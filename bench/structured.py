@@ -6,19 +6,19 @@ scores, with and without the least-squares refit), all measured side by side in 
     python bench/structured.py --preset synthetic1b   # a random 1.1B Llama (TinyLlama's shape): speed and size only
     python bench/structured.py --preset smollm2 --settings dense shortgpt shrink-wanda
 
-Latency: the median of --repeats forward passes of one --tokens-token window after a warm-up, with
+Latency: the fastest of --repeats forward passes of one --tokens-token window after a warm-up, with
 transformers on the CPU in float32 (or fp16 on a GPU when one is there); generation: greedy
---new-tokens tokens after a 16-token prompt, with the KV cache, tokens per second (median). Pruning
-runs first (its time is printed); then every model is loaded and they are timed in rounds, one pass
-of each per round, so that load on the machine falls on all of them alike.
+--new-tokens tokens after a 16-token prompt, with the KV cache, tokens per second (fastest round;
+every round's time is in the JSON). Pruning
+runs first (its time is printed); then, in one fresh process, every model is loaded and they are
+timed in rounds, one pass of each per round, so that load on the machine falls on all of them alike.
 Results: structured-<preset>.json and a plot in --plots.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -71,7 +71,7 @@ def timed(call, device: torch.device) -> float:
 @torch.no_grad()
 def speeds(folders: dict[str, Path], tokens: int, new_tokens: int, repeats: int, device: torch.device) -> dict:
     """Every model loaded at once, then timed in rounds (one forward of each, then the next round), so
-    that a disturbance of the machine falls on all of them alike; medians over the rounds."""
+    that a disturbance of the machine falls on all of them alike."""
     from transformers import AutoModelForCausalLM
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     models = {name: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -89,10 +89,21 @@ def speeds(folders: dict[str, Path], tokens: int, new_tokens: int, repeats: int,
         for name, model in models.items():
             latencies[name].append(timed(lambda: model(window, use_cache=False), device))
             generations[name].append(timed(lambda: model.generate(prompt, **greedy), device))
-    return {name: {"params": sum(p.numel() for p in model.parameters()),
-                   "latency_s": statistics.median(latencies[name]),
-                   "tokens_per_s": new_tokens / statistics.median(generations[name])}
+    # The fastest of the rounds: on a shared machine every disturbance only adds time.
+    return {name: {"params": sum(p.numel() for p in model.parameters()), "latency_s": min(latencies[name]),
+                   "tokens_per_s": new_tokens / min(generations[name]), "latencies_s": latencies[name],
+                   "generation_s": generations[name]}
             for name, model in models.items()}
+
+
+def cached_perplexity(bench: Bench, folder: Path, cache_path: Path) -> float | None:
+    """Perplexity of a model folder, kept in `cache_path` (by folder and write time) for the next run."""
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    key = f"{folder.resolve()}@{max(f.stat().st_mtime_ns for f in folder.glob('*.safetensors'))}"
+    if key not in cache:
+        cache[key] = bench.perplexity(folder)
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return cache[key]
 
 
 def disk_bytes(folder: Path) -> int:
@@ -107,6 +118,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the preset's)")
+    parser.add_argument("--fresh", action="store_true", help="prune again even where a folder holds the same job")
     parser.add_argument("--plots", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -126,16 +139,22 @@ def main() -> None:
             method, options = SETTINGS[name]
             if method == "shortgpt":
                 options = {"remove_layers": str(round(REMOVED_BLOCK_SHARE * blocks))}
-            folders[name] = args.out / f"structured-{args.preset}-{name}"
-            shutil.rmtree(folders[name], ignore_errors=True)
-            report = bench.prune(method, folders[name], **options)
+            calibration = {"nsamples": args.nsamples} if args.nsamples else {}
+            folders[name] = args.out / f"structured-{args.preset}-{name}{f'-n{args.nsamples}' if args.nsamples else ''}"
+            # A folder holding this finished job is reused as it is (its report keeps the prune time).
+            report = bench.prune(method, folders[name], overwrite=args.fresh, **calibration, **options)
             seconds = sum(report["seconds"].values())
             print(f"pruned {name} in {seconds:.0f} s", flush=True)
         rows.append({"setting": name, "prune_seconds": seconds})
-    measured = speeds(folders, args.tokens, args.new_tokens, args.repeats, device)
+    # Timed in a fresh process: pruning fixes glibc's mmap threshold (offload_prune/hostmem.py) for the
+    # rest of its process, which makes every large activation a fresh mapping and slows inference.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        measured = pool.apply(speeds, (folders, args.tokens, args.new_tokens, args.repeats, device))
+    perplexities = args.out / f"structured-{args.preset}-perplexity.json"
     for row in rows:
         folder = folders[row["setting"]]
-        row.update(measured[row["setting"]], disk_bytes=disk_bytes(folder), ppl=bench.perplexity(folder))
+        row.update(measured[row["setting"]], disk_bytes=disk_bytes(folder),
+                   ppl=cached_perplexity(bench, folder, perplexities))
     dense = rows[0] if rows[0]["setting"] == "dense" else None
     print(f"| setting | parameters | disk | forward {args.tokens} tokens | generation | perplexity | prune time |")
     print("|---|---|---|---|---|---|---|")
@@ -146,7 +165,7 @@ def main() -> None:
         print(f"| {row['setting']} | {row['params'] / 1e6:.1f} M | {row['disk_bytes'] / 2**20:.1f} MiB | "
               f"{row['latency_s'] * 1000:.0f} ms{faster} | {row['tokens_per_s']:.1f} tok/s{quicker} | {ppl} | "
               f"{row['prune_seconds']:.0f} s |")
-    path = args.out / f"structured-{args.preset}.json"
+    path = args.out / f"structured-{args.preset}{f'-n{args.nsamples}' if args.nsamples else ''}.json"
     path.write_text(json.dumps({"machine": bench.describe() + gpu, "rows": rows}, indent=1))
     plot(rows, args.plots / f"structured-{args.preset}{'-gpu' if device.type == 'cuda' else ''}.png",
          f"{model.name}{gpu}")
@@ -165,12 +184,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
               ("generation (tokens/s)", [r["tokens_per_s"] for r in rows]),
               ("parameters (M)", [r["params"] / 1e6 for r in rows])]
     if all(r["ppl"] is not None for r in rows):
-        panels.append(("perplexity", [r["ppl"] for r in rows]))
+        panels.append(("perplexity (log scale)", [r["ppl"] for r in rows]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.2))
     for ax, (label, values) in zip(axes, panels):
         ax.barh(names, values, color=["grey"] + ["tab:blue"] * (len(names) - 1))
         ax.set_xlabel(label)
         ax.invert_yaxis()
+        if label.startswith("perplexity"):
+            ax.set_xscale("log")
     for ax in axes[1:]:
         ax.set_yticklabels([])
     fig.suptitle(title, fontsize=9)

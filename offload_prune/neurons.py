@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import OffloadPruneError
 from .matrices import Matrix, describe, find_matrices
+from .skeleton import build_skeleton
 
 #: The kept width is a multiple of this (tensor-core and SIMD friendly, as the issue asks).
 WIDTH_MULTIPLE = 8
@@ -121,19 +122,33 @@ class InputMoments:
 
 def refit_output(weight: torch.Tensor, moments: InputMoments, kept: torch.Tensor, with_bias: bool,
                  percdamp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares output weights on the kept neurons, and the bias shift when there is a bias."""
+    """Least-squares output weights on the kept neurons, and the bias shift when there is a bias.
+    Memory beyond the moments (n inputs, k kept, `out` rows; `refit_bytes` counts it): W and H[:, S]
+    while W H[:, S] is made, then H_SS and its Cholesky factor with the right-hand sides."""
     w = weight.double() if weight.device.type == "cpu" else weight.float()
-    gram = moments.gram.to(w.dtype)
+    gram, shift = moments.gram.to(w.dtype), None
     if with_bias:  # the intercept absorbs the means: fit the centred inputs
         mean = moments.mean.to(w.dtype)
-        gram = gram / moments.tokens - torch.outer(mean, mean)
-    system = gram[kept][:, kept].clone()
-    damping = percdamp * torch.diagonal(system).mean().clamp_min(1e-12)
-    system.diagonal().add_(damping)
-    right = w @ gram[:, kept]                                    # [out, k]
-    refit = torch.linalg.solve(system, right.T).T                # W H[:, S] H_SS^-1
-    shift = w @ mean - refit @ mean[kept] if with_bias else None
+        gram = (gram / moments.tokens).addr_(mean, mean, alpha=-1)
+        shift = w @ mean
+    columns = gram[:, kept]                                      # H[:, S]
+    right = w @ columns                                          # W H[:, S], [out, k]
+    del w
+    system = columns[kept]                                       # H_SS
+    del columns
+    system.diagonal().add_(percdamp * torch.diagonal(system).mean().clamp_min(1e-12))
+    factor, info = torch.linalg.cholesky_ex(system)
+    refit = (torch.cholesky_solve(right.T, factor) if not info else torch.linalg.solve(system, right.T)).T
+    if with_bias:
+        shift -= refit @ mean[kept]
     return refit.to(weight.dtype), (shift.to(weight.dtype) if shift is not None else None)
+
+
+def refit_bytes(width: int, kept: int, out: int, with_bias: bool) -> int:
+    """Peak bytes of `refit_output` beyond the moments, in float64 (CPU) terms."""
+    building = out * width + width * kept + out * kept + kept * kept
+    solving = 2 * kept * kept + 2 * out * kept
+    return 8 * (max(building, solving) + (width * width if with_bias else 0))
 
 
 def compensation(weight: torch.Tensor, moments: InputMoments, removed: torch.Tensor) -> torch.Tensor:
@@ -181,20 +196,11 @@ def _select(matrix: Matrix, index: torch.Tensor, along_rows: bool) -> None:
     matrix.bias = module.bias
 
 
-def set_output(unit: MlpUnit, weight: torch.Tensor, bias_shift: torch.Tensor | None) -> None:
-    """New values for the output matrix ([out, kept], already shrunk or in the kept columns) and its bias."""
-    unit.output.weight.copy_(weight)
-    if bias_shift is not None:
-        unit.output.bias.add_(bias_shift)
-
-
 # -- the config ----------------------------------------------------------------------------------
 def width_setting(model_config, ratio: float) -> dict[str, int]:
     """The config.json change that gives every MLP the kept width: {setting: kept width}. The setting
     that holds the width is found by asking transformers: the one whose change builds exactly the
     shrunk block (a meta copy of block 0 shrunk the way the run shrinks every block)."""
-    from .skeleton import build_skeleton
-
     _, _, layers = build_skeleton(model_config)
     shrunk = layers[0]
     matrices = find_matrices(shrunk)

@@ -1,6 +1,7 @@
-"""Run by test_plan.py in a fresh process: SparseGPT or ADMM on one Llama block, printing the Hessian
-bytes held after the statistics pass and the peak resident memory of the prune steps (VmHWM reset
-through /proc/self/clear_refs; large tensors are mmapped, so freed ones leave RSS), next to the plan."""
+"""Run by test_plan.py in a fresh process: SparseGPT, ADMM or structured FLAP (whole neurons, the down
+projection refitted) on one Llama block, printing the statistics bytes held after the statistics pass
+(Hessians, or the moments of down_proj's input) and the peak resident memory of the prune steps (VmHWM
+reset through /proc/self/clear_refs; large tensors are mmapped, so freed ones leave RSS), next to the plan."""
 import json
 import sys
 from pathlib import Path
@@ -29,24 +30,39 @@ def main(method_name: str, true_sequential: bool) -> None:
     linears = find_matrices(block)
     describe(block, linears)
     # Two ADMM iterations: the memory does not depend on how many.
-    options = PruneConfig(model="-", prune_method=method_name, seqlen=64, true_sequential=true_sequential,
-                          admm_iterations=2).validate()
+    structured = method_name.endswith("-structured")
+    options = PruneConfig(model="-", prune_method=method_name.removesuffix("-structured"), seqlen=64,
+                          true_sequential=true_sequential, admm_iterations=2,
+                          **(dict(sparsity_type="structured", sparsity_ratio=0.25) if structured else {})).validate()
     x = torch.randn(4, 64, 2048)
     positions = torch.arange(64)[None]
     kwargs = {"position_embeddings": LlamaRotaryEmbedding(config)(x, positions), "position_ids": positions,
               "attention_mask": None}
     cpu = torch.device("cpu")
     warm_up = build_method(options)  # the first LAPACK calls allocate one-time buffers
-    _collect(warm_up, block, {"mlp.down_proj": linears["mlp.down_proj"]}, kwargs, x, options, cpu)
-    with torch.no_grad():
-        warm_up.prune({"mlp.down_proj": torch.nn.Linear(4096, 2048)}, options.sparsity_ratio)
+    if structured:
+        spare = LlamaDecoderLayer(config, 0).eval()
+        spare_linears = find_matrices(spare)
+        describe(spare, spare_linears)
+        mlp = {n: m for n, m in spare_linears.items() if n.startswith("mlp.")}
+        warm_up.groups(mlp)
+        _collect(warm_up, spare, mlp, kwargs, x, options, cpu)
+        with torch.no_grad():
+            warm_up.prune(mlp, options.sparsity_ratio)
+    else:
+        _collect(warm_up, block, {"mlp.down_proj": linears["mlp.down_proj"]}, kwargs, x, options, cpu)
+        with torch.no_grad():
+            warm_up.prune({"mlp.down_proj": torch.nn.Linear(4096, 2048)}, options.sparsity_ratio)
 
     method = build_method(options)
+    if structured:
+        linears = {n: m for n, m in linears.items() if n.startswith("mlp.")}
     planned = method.memory_bytes(linears, torch.float32)
     held, peak = 0, 0
     for group in method.groups(linears):
         _collect(method, block, {n: linears[n] for n in group}, kwargs, x, options, cpu)
-        statistics = sum(h.nbytes for h in method.hessians.values())
+        statistics = (sum(m.gram.nbytes + m.sums.nbytes + m.squares.nbytes for m in method.moments.values())
+                      if structured else sum(h.nbytes for h in method.hessians.values()))
         held = max(held, statistics)
         before, _ = status()
         Path("/proc/self/clear_refs").write_text("5")

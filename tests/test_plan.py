@@ -69,7 +69,8 @@ PEAK_PROBE = Path(__file__).with_name("hessian_peak_probe.py")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
-@pytest.mark.parametrize("method, true_sequential", [("sparsegpt", False), ("sparsegpt", True), ("admm", False)])
+@pytest.mark.parametrize("method, true_sequential", [("sparsegpt", False), ("sparsegpt", True), ("admm", False),
+                                                     ("flap-structured", False)])
 def test_hessian_methods_statistics_and_prune_peak_match_the_plan(method, true_sequential):
     """Statistics held are exact; the prune step's peak resident memory, measured in a fresh process
     (see the probe), is within 15% of the plan."""

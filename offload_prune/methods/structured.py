@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..matrices import Matrix
-from ..neurons import (InputMoments, compensation, highest, kept_width, mlp_units, refit_output, shrink_neurons,
-                       zero_neurons)
+from ..neurons import (InputMoments, compensation, highest, kept_width, mlp_units, refit_bytes, refit_output,
+                       shrink_neurons, zero_neurons)
 from .base import PruningMethod
 
 
@@ -85,11 +85,16 @@ class StructuredNeurons(PruningMethod):
         return self.scorer.statistics_bytes(linears) + sum(n * 16 + (n * n * 8 if self.refit else 0) for n in widths)
 
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
-        """The scorer's own terms with the moments on top; refitting also solves a [kept, kept] system
-        against [out, kept] right-hand sides, in float64 copies of the output weight."""
+        """The scorer's own terms with the moments on top; then, one after the other, the neuron scores
+        (float64 copies of a unit's largest matrix) and the refit (`refit_bytes`)."""
         scorer = self.scorer.memory_bytes(linears, compute_dtype)
         moments = self.statistics_bytes(linears) - self.scorer.statistics_bytes(linears)
-        refit = max((u.neurons ** 2 + 3 * u.output.out_features * u.neurons) * 8 for u in mlp_units(linears)) \
-            if self.refit and mlp_units(linears) else 0
+        units = mlp_units(linears)
+        if not units:
+            return scorer
+        ratio = self.config.sparsity_ratio
+        scores = max(2 * 8 * m.weight.numel() for u in units for m in u.matrices)
+        refit = max(refit_bytes(u.neurons, kept_width(u.neurons, ratio), u.output.out_features,
+                                u.output.bias is not None) for u in units) if self.refit else 0
         return {"statistics": scorer["statistics"] + moments,
-                "prune": max(scorer["prune"], scorer["statistics"]) + moments + refit}
+                "prune": max(scorer["prune"], scorer["statistics"]) + moments + max(scores, refit)}
