@@ -125,6 +125,8 @@ def main() -> None:
     torch.manual_seed(0)
     preset = synthetic_preset(args.out) if args.preset == "synthetic1b" else None
     bench = Bench(args.preset, args.out, preset)
+    if args.nsamples:
+        bench.preset = {**bench.preset, "nsamples": args.nsamples}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = f", GPU {torch.cuda.get_device_name()} (fp16)" if device.type == "cuda" else ", CPU float32"
     print(bench.describe() + gpu + f"; torch threads {torch.get_num_threads()}\n")
@@ -139,10 +141,9 @@ def main() -> None:
             method, options = SETTINGS[name]
             if method == "shortgpt":
                 options = {"remove_layers": str(round(REMOVED_BLOCK_SHARE * blocks))}
-            calibration = {"nsamples": args.nsamples} if args.nsamples else {}
             folders[name] = args.out / f"structured-{args.preset}-{name}{f'-n{args.nsamples}' if args.nsamples else ''}"
             # A folder holding this finished job is reused as it is (its report keeps the prune time).
-            report = bench.prune(method, folders[name], overwrite=args.fresh, **calibration, **options)
+            report = bench.prune(method, folders[name], overwrite=args.fresh, **options)
             seconds = sum(report["seconds"].values())
             print(f"pruned {name} in {seconds:.0f} s", flush=True)
         rows.append({"setting": name, "prune_seconds": seconds})

@@ -9,9 +9,13 @@ import gc
 import json
 import os
 import resource
+import signal
 import sys
 
 os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+# A process started in the background by a non-interactive shell inherits SIGINT ignored, and Python
+# then installs no KeyboardInterrupt handler; a user's Ctrl-C reaches a terminal's foreground process.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import torch  # noqa: E402
 
