@@ -18,7 +18,7 @@ EVAL     ?=
 ARGS     ?=
 OUT      ?= out/$(if $(MODEL),$(notdir $(MODEL)),demo)-$(METHOD)-$(subst :,of,$(TYPE))-$(SPARSITY)
 
-.PHONY: setup prune test bench bench-memory bench-block70b bench-quality clean
+.PHONY: setup prune test bench bench-memory bench-block70b bench-quality bench-structured clean
 
 setup: $(VENV)/.installed
 
@@ -49,7 +49,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 # Each prints measured numbers and the machine it ran on (see README for the last results).
-bench: bench-memory bench-block70b bench-quality
+bench: bench-memory bench-block70b bench-quality bench-structured
 
 bench-memory: setup
 	$(BIN)/python bench/memory.py
@@ -60,6 +60,10 @@ bench-block70b: setup
 bench-quality: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/quality.py --preset stories260k
+
+bench-structured: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	cd bench && $(abspath $(BIN))/python structured.py --preset synthetic1b --settings dense shortgpt shrink-flap --repeats 3
 
 clean:
 	rm -rf out .pytest_cache
