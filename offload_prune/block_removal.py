@@ -88,19 +88,22 @@ def check_removal_count(count: int, num_layers: int) -> None:
         raise OffloadPruneError(f"--remove-layers {count}: the model has {num_layers} blocks; at least one must remain")
 
 
+def removal_order(influence: list[float]) -> list[int]:
+    """Blocks from the first to remove to the last: lowest influence first (ties: the later block)."""
+    return sorted(range(len(influence)), key=lambda i: (influence[i], -i))
+
+
 def lowest_influence(influence: list[float], count: int) -> list[int]:
-    """The `count` blocks with the lowest influence (ties: the later block), in block order."""
+    """The `count` blocks with the lowest influence, in block order."""
     check_removal_count(count, len(influence))
-    order = sorted(range(len(influence)), key=lambda i: (influence[i], -i))
-    return sorted(order[:count])
+    return sorted(removal_order(influence)[:count])
 
 
 def removal_for_budget(influence: list[float], block_params: list[int], total_params: int,
                        target: int) -> list[int]:
     """The fewest lowest-influence blocks whose removal brings the checkpoint to `target` parameters."""
-    order = sorted(range(len(influence)), key=lambda i: (influence[i], -i))
     removed, remaining = [], total_params
-    for index in order[:-1]:
+    for index in removal_order(influence)[:-1]:
         if remaining <= target:
             break
         removed.append(index)

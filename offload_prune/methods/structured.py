@@ -81,14 +81,17 @@ class StructuredNeurons(PruningMethod):
         return results
 
     def statistics_bytes(self, linears: dict[str, Matrix]) -> int:
-        widths = [u.neurons for u in mlp_units(linears)]
-        return self.scorer.statistics_bytes(linears) + sum(n * 16 + (n * n * 8 if self.refit else 0) for n in widths)
+        return self.scorer.statistics_bytes(linears) + self._moments_bytes(linears)
+
+    def _moments_bytes(self, linears: dict[str, Matrix]) -> int:
+        """float64 sums and squares per neuron, and H when refitting."""
+        return sum(u.neurons * 16 + (u.neurons ** 2 * 8 if self.refit else 0) for u in mlp_units(linears))
 
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
         """The scorer's own terms with the moments on top; then, one after the other, the neuron scores
         (float64 copies of a unit's largest matrix) and the refit (`refit_bytes`)."""
         scorer = self.scorer.memory_bytes(linears, compute_dtype)
-        moments = self.statistics_bytes(linears) - self.scorer.statistics_bytes(linears)
+        moments = self._moments_bytes(linears)
         units = mlp_units(linears)
         if not units:
             return scorer
