@@ -1,6 +1,7 @@
 """Smaller, faster models: parameters, disk size, forward latency, generation speed and perplexity of
 the dense model against each structured setting (ShortGPT block removal, MLP shrink by several neuron
-scores, with and without the least-squares refit), all measured side by side in one process.
+scores, with and without the least-squares refit, a third of the attention key/value groups removed,
+and both), all measured side by side in one process.
 
     python bench/structured.py --preset smollm2       # SmolLM2-135M, WikiText-2 perplexity (~25 min on 2 cores)
     python bench/structured.py --preset synthetic1b   # a random 1.1B Llama (TinyLlama's shape): speed and size only
@@ -31,6 +32,7 @@ SYNTHETIC_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=
 # What each setting prunes; block counts are a fraction of the model's blocks (6 of SmolLM2's 30).
 REMOVED_BLOCK_SHARE = 0.2
 MLP_SHRINK = 0.25
+HEAD_SHARE = 1 / 3  # of the key/value groups: SmolLM2 keeps 2 of 3 (6 of 9 query heads), the 1.1B 3 of 4
 SETTINGS = {
     "dense": None,
     "shortgpt": ("shortgpt", {}),
@@ -45,6 +47,13 @@ SETTINGS = {
                                                    sparsity_ratio=MLP_SHRINK, neuron_refit=False)),
     "shrink-neuronrank": ("neuronrank_tfidf", dict(sparsity_type="structured", shrink=True,
                                                    sparsity_ratio=MLP_SHRINK)),
+    "heads-flap": ("flap", dict(sparsity_type="structured", shrink=True, sparsity_ratio=0.0, prune_heads=HEAD_SHARE)),
+    "heads-flap-norefit": ("flap", dict(sparsity_type="structured", shrink=True, sparsity_ratio=0.0,
+                                        prune_heads=HEAD_SHARE, neuron_refit=False)),
+    "heads-wanda": ("wanda", dict(sparsity_type="structured", shrink=True, sparsity_ratio=0.0,
+                                  prune_heads=HEAD_SHARE)),
+    "shrink-flap+heads": ("flap", dict(sparsity_type="structured", shrink=True, sparsity_ratio=MLP_SHRINK,
+                                       prune_heads=HEAD_SHARE)),
 }
 
 

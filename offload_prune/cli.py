@@ -56,6 +56,9 @@ def prune_parser() -> argparse.ArgumentParser:
           help="structured: remove the neurons from the matrices and shrink intermediate_size (default: zero them)")
     _flag(parser, "neuron-refit", default="on", choices=("on", "off"),
           help="structured: refit the MLP output matrix on the kept neurons by least squares (default on)")
+    _flag(parser, "prune-heads", type=float, default=0.0,
+          help="structured (magnitude, wanda, flap): fraction of each attention layer's key/value groups removed "
+               "with their query heads (removed with --shrink, else zeroed; the output projection refitted too)")
     _flag(parser, "calib-data", default="c4", help="text file, folder, jsonl, wikitext2 or c4 (default c4)")
     _flag(parser, "nsamples", type=int, default=128, help="calibration windows (default 128)")
     _flag(parser, "seed", type=int, default=0, help="calibration sampling seed (default 0)")

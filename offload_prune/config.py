@@ -13,6 +13,8 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "ria", "neuronrank_old", "
            "shortgpt", "flap")
 #: Methods with a neuron score, for --sparsity_type structured (whole MLP neurons).
 STRUCTURED_METHODS = ("magnitude", "wanda", "flap", "neuronrank_old", "neuronrank_tfidf")
+#: Those whose neuron score also reads an attention output projection (--prune-heads).
+HEAD_METHODS = ("magnitude", "wanda", "flap")
 ACTIVATION_STORES = ("ram", "disk")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -75,6 +77,8 @@ class PruneConfig:
     # them; refit the output matrix on the kept neurons by least squares.
     shrink: bool = False
     neuron_refit: bool = True
+    # Fraction of each attention layer's key/value groups (with their query heads) removed, structured.
+    prune_heads: float = 0.0
     # ShortGPT: remove this many whole blocks, or "auto" down to --target-params parameters.
     remove_layers: str | None = None
     target_params: str | None = None
@@ -107,6 +111,11 @@ class PruneConfig:
             self.nm = None
         else:
             self.nm = parse_sparsity_type(self.sparsity_type)
+        if not 0.0 <= self.prune_heads < 1.0:
+            raise OffloadPruneError(f"--prune-heads must be in [0, 1), got {self.prune_heads}")
+        if self.prune_heads and (self.sparsity_type != "structured" or self.prune_method not in HEAD_METHODS):
+            raise OffloadPruneError("--prune-heads removes whole key/value groups of attention heads: it goes with "
+                                    f"--sparsity_type structured and --prune_method {', '.join(HEAD_METHODS)}")
         if self.shrink and self.sparsity_type != "structured":
             raise OffloadPruneError("--shrink removes whole MLP neurons: it goes with --sparsity_type structured")
         if self.prune_method == "flap" and self.sparsity_type != "structured":
@@ -205,7 +214,7 @@ class PruneConfig:
         if self.layer_sparsity == "owl":
             names += ["owl_lambda", "owl_m"]
         if self.sparsity_type == "structured":
-            names += ["shrink", "neuron_refit", "percdamp"]
+            names += ["shrink", "neuron_refit", "percdamp", "prune_heads"]
         if self.nm is None:  # N:M fixes the ratio itself
             names.insert(1, "sparsity_ratio")
         return {name: getattr(self, name) for name in names}

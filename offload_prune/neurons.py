@@ -172,11 +172,12 @@ def shrink_neurons(unit: MlpUnit, kept: torch.Tensor) -> None:
     follow: nn.Linear's in/out_features, Conv1D's nf)."""
     width = unit.neurons
     for m in unit.inputs:
-        _select(m, rows_of(kept, m, width), along_rows=True)
-    _select(unit.output, kept, along_rows=False)
+        select(m, rows_of(kept, m, width), along_rows=True)
+    select(unit.output, kept, along_rows=False)
 
 
-def _select(matrix: Matrix, index: torch.Tensor, along_rows: bool) -> None:
+def select(matrix: Matrix, index: torch.Tensor, along_rows: bool) -> None:
+    """Keep only these rows (with their bias) or columns of the matrix, in a new parameter."""
     from transformers.pytorch_utils import Conv1D
     module = matrix.module
     if matrix.expert is not None:

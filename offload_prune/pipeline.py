@@ -35,6 +35,7 @@ from .evaluate import evaluation_windows, perplexity
 from .hostmem import keep_large_allocations_mmapped
 from .layer_sparsity import OutlierCounter, owl_ratios, ratios_from_file
 from .methods import PruningMethod, build_method
+from .heads import heads_setting
 from .neurons import width_setting
 from .masks import zero_lowest
 from .matrices import Matrix, describe, find_matrices, observe, other_weights
@@ -118,6 +119,9 @@ def prune(config: PruneConfig) -> dict:
         check_removal_count(config.blocks_to_remove, streamed.num_layers)
     # Refuses now, before any weight is read, if config.json cannot hold the new MLP width.
     config_changes = width_setting(reader.config, config.sparsity_ratio) if config.shrink else {}
+    if config.prune_heads:  # checked even when the groups are only zeroed
+        heads_change, _ = heads_setting(reader.config, config.prune_heads)
+        config_changes.update(heads_change if config.shrink else {})
     tokenizer = load_tokenizer(reader.folder)
     with meter("calibration"):
         windows, text_size = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen,
@@ -127,7 +131,7 @@ def prune(config: PruneConfig) -> dict:
     plan = memory_plan(config, reader.config, device.type, text_size, len(evaluation) if config.eval_ppl else 0,
                        process_bytes=current_host_rss_bytes())
     check_budget(plan, config)  # still before any weight is read
-    method = build_method(config)
+    method = build_method(config, reader.config)
     if config.layer_sparsity in ("uniform", "owl"):
         given_sparsities = [config.sparsity_ratio] * streamed.num_layers if config.layer_sparsity == "uniform" else None
     else:
@@ -314,9 +318,12 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
         del report["layer_sparsity"]
     if config.sparsity_type == "structured":
         widths = {m["neurons"]: m["neurons_kept"] for m in state.modules.values() if "neurons" in m}
+        groups = {m["key_value_groups"]: m["key_value_groups_kept"] for m in state.modules.values()
+                  if "key_value_groups" in m}
         params_after, _ = run.layout.written_totals(state.save)
         report["structured"] = {"shrink": config.shrink, "neuron_refit": config.neuron_refit,
                                 "widths": [[before, after] for before, after in sorted(widths.items())],
+                                "key_value_groups": [[before, after] for before, after in sorted(groups.items())],
                                 "params_before": sum(math.prod(shape) for shape in run.reader.shapes.values()),
                                 "params_after": params_after}
     if evaluation is not None:

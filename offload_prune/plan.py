@@ -79,7 +79,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     matrices = find_matrices(block)
     describe(block, matrices)
     chosen = selected_matrices(matrices, len(layers) - 1, len(layers), config) or matrices
-    pruning_method = build_method(config)
+    pruning_method = build_method(config, model_config)
     method = pruning_method.memory_bytes(chosen, compute)
     hidden, vocab = model_config.hidden_size, model_config.vocab_size
     cache = config.nsamples * config.seqlen * hidden * compute.itemsize

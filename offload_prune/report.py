@@ -177,7 +177,11 @@ def _sparsity_summary(report: dict) -> list[str]:
         widths = ", ".join(f"{before} -> {after}" for before, after in structured["widths"])
         how = "removed (matrices and intermediate size shrunk)" if structured["shrink"] else "zeroed (shapes kept)"
         before, after = structured["params_before"], structured["params_after"]
-        lines.append(f"  MLP neurons per layer: {widths}, {how}; output matrix "
-                     f"{'refitted by least squares' if structured['neuron_refit'] else 'not refitted'}")
+        refit = "refitted by least squares" if structured["neuron_refit"] else "not refitted"
+        lines.append(f"  MLP neurons per layer: {widths}, {how}; output matrix {refit}")
+        if structured.get("key_value_groups"):
+            groups = ", ".join(f"{before} -> {after}" for before, after in structured["key_value_groups"])
+            lines.append(f"  attention key/value groups per layer: {groups} (with their query heads), "
+                         f"{'removed' if structured['shrink'] else 'zeroed'}; output projection {refit}")
         lines.append(f"  parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})")
     return lines

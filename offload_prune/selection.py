@@ -8,8 +8,10 @@ from .matrices import Matrix
 
 def mlp_only(config: PruneConfig) -> bool:
     """--pruning_last forces MLP-only whatever the attention flag says (seed 000); structured
-    pruning removes whole MLP neurons."""
-    return config.pruning_last is not None or not config.nr_include_attention or config.sparsity_type == "structured"
+    pruning removes whole MLP neurons, and attention heads only when --prune-heads asks."""
+    if config.sparsity_type == "structured":
+        return not config.prune_heads
+    return config.pruning_last is not None or not config.nr_include_attention
 
 
 def selected_matrices(matrices: dict[str, Matrix], layer_index: int, num_layers: int,

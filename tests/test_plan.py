@@ -39,12 +39,12 @@ def test_block_weights_and_activation_cache_match_the_plan(tiny_llama, tmp_path)
 @pytest.mark.parametrize("options, phases", [
     (["--prune_method", "wanda", "--nr-prune-lm-head", "--layer-sparsity", "owl"], ["owl", "prune"]),
     (["--prune_method", "shortgpt", "--remove-layers", 1], ["influence", "copy"]),
-    (["--prune_method", "wanda", "--sparsity_type", "structured", "--shrink"], ["prune"]),
+    (["--prune_method", "wanda", "--sparsity_type", "structured", "--shrink", "--prune-heads", 0.5], ["prune"]),
 ])
 def test_every_phase_measured_within_the_plan(checkpoint_factory, tmp_path, options, phases):
     """A run through every phase (calibration, capture, OWL's dense pass, prune, write with the head
-    pruned, both evaluations; ShortGPT's dense pass and copies; whole neurons removed with the output
-    matrix refitted), in a fresh process: each phase's measured peak RSS is at most 10 % above its
+    pruned, both evaluations; ShortGPT's dense pass and copies; whole neurons and key/value groups removed
+    with both output matrices refitted), in a fresh process: each phase's measured peak RSS is at most 10 % above its
     planned peak and not more than 1.5x below it. The model is wide enough (32k vocabulary, width
     1024) that embedding, head, logits and block terms are a large part of each phase; its head is
     tied, so the pruned model (head untied) holds one more vocabulary matrix than the dense one."""

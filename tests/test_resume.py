@@ -123,9 +123,10 @@ def test_shortgpt_killed_at_every_step_then_resumed_is_identical(resume_model, p
 
 
 def test_shrink_killed_every_few_steps_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
-    """Removed neurons change the shapes written, the index's total and config.json; a resumed run
-    still writes the same files."""
-    args = lambda save: prune_args(resume_model, save, "--sparsity_type", "structured", "--shrink")  # noqa: E731
+    """Removed neurons and attention heads change the shapes written, the index's total and
+    config.json; a resumed run still writes the same files."""
+    args = lambda save: prune_args(resume_model, save, "--sparsity_type", "structured", "--shrink",  # noqa: E731
+                                   "--prune-heads", 0.5)
     code, printed = worker.run(*args(tmp_path / "uninterrupted"))
     assert code == 0, printed
     expected = folder_digests(tmp_path / "uninterrupted")

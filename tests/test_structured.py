@@ -1,6 +1,7 @@
 """Whole MLP neurons (--sparsity_type structured): scores against a whole-model computation, the
 least-squares refit against lstsq, FLAP's bias compensation, --shrink against zeroing on many
-families (the smaller checkpoint loads and computes what the zeroed one does), and the refusals."""
+families (the smaller checkpoint loads and computes what the zeroed one does), and the refusals;
+the same for whole key/value groups of attention heads (--prune-heads)."""
 import json
 
 import pytest
@@ -159,11 +160,99 @@ def test_shrunk_checkpoint_loads_and_equals_the_zeroed_one(tmp_path, family, met
                                                   for t in read_all_tensors(tmp_path / "shrunk").values())
 
 
+@torch.no_grad()
+def heads_in_memory(folder, windows, method, ratio):
+    """Whole model, layer by layer: each key/value group scored by summing the method's score of the
+    output projection's columns it owns, the lowest groups zeroed (their query, key and value rows,
+    their output columns), pruned outputs feeding the next layer."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    groups = model.config.num_key_value_heads
+    inputs, (args, kwargs) = catch_layer0_inputs(model, windows)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        seen = []
+        hook = attn.o_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        for x in inputs:
+            layer(x, *args, **kwargs)
+        hook.remove()
+        x, out = torch.cat(seen).double(), attn.o_proj.weight.double()
+        if method == "magnitude":
+            columns = out.pow(2).sum(0).sqrt()
+        elif method == "wanda":
+            columns = (out.abs() * x.pow(2).sum(0).sqrt()).sum(0)
+        else:
+            columns = x.var(0, unbiased=False) * out.pow(2).sum(0)
+        scores = columns.reshape(groups, -1).sum(1)
+        for g in torch.argsort(scores, descending=True, stable=True)[max(1, round((1 - ratio) * groups)):]:
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                rows = proj.out_features // groups
+                proj.weight[g * rows:(g + 1) * rows] = 0
+            width = attn.o_proj.in_features // groups
+            attn.o_proj.weight[:, g * width:(g + 1) * width] = 0
+        outputs = [layer(x, *args, **kwargs) for x in inputs]
+        inputs = [out[0] if isinstance(out, tuple) else out for out in outputs]
+    return model
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "flap"])
+def test_head_scores_equal_a_whole_model_computation(checkpoint_factory, tmp_path, method):
+    folder = checkpoint_factory(num_layers=3, hidden=64, intermediate=128, heads=8, kv_heads=4)
+    report = run_structured(folder, tmp_path / "out", method, sparsity_ratio=0.0, prune_heads=0.5,
+                            neuron_refit=False)
+    assert report["structured"]["key_value_groups"] == [[4, 2]]
+    expected = heads_in_memory(folder, calibration_windows(folder), method, 0.5).state_dict()
+    got = read_all_tensors(tmp_path / "out")
+    for name, tensor in got.items():
+        assert torch.allclose(tensor, expected[name], atol=1e-6), name
+    q = got["model.layers.1.self_attn.q_proj.weight"]
+    assert int((q == 0).all(1).sum()) == q.shape[0] // 2  # half the query heads (two groups of two) gone
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family, method", [("llama", "wanda"), ("qwen2", "flap"), ("gemma3_text", "magnitude")])
+def test_heads_removed_load_and_equal_the_zeroed_ones(tmp_path, family, method):
+    """With the MLP shrunk too and both output projections refitted; qwen2 has query/key/value
+    biases, gemma3 an explicit head_dim and query/key norms."""
+    folder = build_family(tmp_path / family, family)
+    shrunk = run_structured(folder, tmp_path / "shrunk", method, shrink=True, prune_heads=0.5)
+    run_structured(folder, tmp_path / "zeroed", method, prune_heads=0.5)
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "shrunk", dtype=torch.float32).eval()
+    zeroed = AutoModelForCausalLM.from_pretrained(tmp_path / "zeroed", dtype=torch.float32).eval()
+    ids = calibration_windows(folder)[:2]
+    assert torch.allclose(small(ids).logits, zeroed(ids).logits, atol=1e-4)
+    config = json.loads((tmp_path / "shrunk" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 16)
+    assert small.model.layers[0].self_attn.o_proj.weight.shape == (64, 32)
+    assert shrunk["structured"]["key_value_groups"] == [[2, 1]] and shrunk["structured"]["params_after"] == sum(
+        t.numel() for t in read_all_tensors(tmp_path / "shrunk").values())
+    assert "attention key/value groups per layer: 2 -> 1" in format_summary(shrunk)
+
+
+@torch.no_grad()
+def test_output_projection_refit_lowers_the_attention_error(checkpoint_factory, tmp_path):
+    folder = checkpoint_factory(num_layers=2, hidden=64, intermediate=128, heads=8, kv_heads=4)
+    for refit in (True, False):
+        run_structured(folder, tmp_path / str(refit), "wanda", sparsity_ratio=0.0, prune_heads=0.5, neuron_refit=refit)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seen = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, args, o: seen.append(args[0]))
+    model(calibration_windows(folder))
+    x = torch.cat(seen).reshape(-1, 64)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    dense, refitted, plain = (read_all_tensors(f)[name] for f in (folder, tmp_path / "True", tmp_path / "False"))
+    assert torch.equal(refitted == 0, plain == 0) and not torch.equal(refitted, plain)
+    error = lambda w: float((x @ dense.T - x @ w.T).norm())  # noqa: E731
+    assert error(refitted) < error(plain)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(prune_method="wanda", shrink=True), "goes with --sparsity_type structured"),
     (dict(prune_method="flap"), "use --sparsity_type structured"),
     (dict(prune_method="sparsegpt", sparsity_type="structured"), "needs a neuron score"),
     (dict(prune_method="wanda", sparsity_type="structured", shrink=True, layer_sparsity="owl"), "must be uniform"),
+    (dict(prune_method="wanda", prune_heads=0.5), "goes with --sparsity_type structured"),
+    (dict(prune_method="neuronrank_tfidf", sparsity_type="structured", prune_heads=0.5), "magnitude, wanda, flap"),
+    (dict(prune_method="wanda", sparsity_type="structured", prune_heads=1.0), r"must be in \[0, 1\)"),
 ])
 def test_refusals(options, message):
     with pytest.raises(OffloadPruneError, match=message):
@@ -176,4 +265,14 @@ def test_shrinking_experts_is_refused_before_anything_is_written(tmp_path):
                      "--nsamples", 2, "--seqlen", 16, "--prune_method", "wanda", "--sparsity_type", "structured",
                      "--shrink")
     assert result.returncode == 2 and "Mixture-of-Experts" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, message", [("gpt2", "one fused matrix"), ("opt", "cannot express 2 of 4")])
+def test_heads_the_config_cannot_express_are_refused_before_anything_is_written(tmp_path, family, message):
+    folder = build_family(tmp_path / family, family)
+    result = run_cli("--model", folder, "--save", tmp_path / "out", "--calib-data", folder / "demo.txt",
+                     "--nsamples", 2, "--seqlen", 16, "--prune_method", "wanda", "--sparsity_type", "structured",
+                     "--shrink", "--prune-heads", 0.5)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

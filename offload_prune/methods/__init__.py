@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..config import PruneConfig
+from ..heads import key_value_groups
 from .admm import ADMM
 from .base import PruningMethod
 from .flap import FLAP
@@ -20,6 +21,10 @@ METHOD_CLASSES: dict[str, type[PruningMethod]] = {"magnitude": Magnitude, "wanda
                                                    "hybrid": Hybrid, "shortgpt": ShortGPT, "flap": FLAP}
 
 
-def build_method(config: PruneConfig) -> PruningMethod:
+def build_method(config: PruneConfig, model_config=None) -> PruningMethod:
+    """The method; structured pruning of attention heads also needs the model's config.json (its
+    key/value group count)."""
     method = METHOD_CLASSES[config.prune_method](config)
-    return StructuredNeurons(config, method) if config.sparsity_type == "structured" else method
+    if config.sparsity_type != "structured":
+        return method
+    return StructuredNeurons(config, method, key_value_groups(model_config) if config.prune_heads else None)
