@@ -121,11 +121,12 @@ def main() -> None:
     dense = results["dense"]
     done = {(r["method"], r["layer_sparsity"], r["setting"]): r for r in results["runs"]}
     print(f"dense: {dense:.3f}\n")
-    print(f"| method | {' | '.join(args.settings)} | time at {args.settings[0]} | peak RSS at {args.settings[0]} |")
-    print(f"|---|{'---|' * (len(args.settings) + 2)}", flush=True)
+    print("Each cell: perplexity (prune time, peak RSS of the pruning phases)\n")
+    print(f"| method | {' | '.join(args.settings)} |")
+    print(f"|---|{'---|' * len(args.settings)}", flush=True)
     for method in args.methods:
         for layers in args.layers:
-            cells, first = [], None
+            cells = []
             for setting in args.settings:
                 if layers == "owl" and setting == "2:4":  # N:M fixes every block's ratio
                     cells.append("-")
@@ -136,11 +137,9 @@ def main() -> None:
                            **bench.run(method, layer_sparsity=layers, **SETTINGS[setting])}
                     results["runs"].append(run)
                     path.write_text(json.dumps(results, indent=1))
-                cells.append(f"{run['ppl']:.3f}")
-                first = first or run
+                cells.append(f"{run['ppl']:.3f} ({run['seconds']:.0f} s, {run['peak_rss_bytes'] / 2**30:.2f} GiB)")
             label = method + (" + owl" if layers == "owl" else "")
-            cost = f"{first['seconds']:.0f} s | {first['peak_rss_bytes'] / 2**30:.2f} GiB" if first else "- | -"
-            print(f"| {label} | {' | '.join(cells)} | {cost} |", flush=True)
+            print(f"| {label} | {' | '.join(cells)} |", flush=True)
     plot(results, args.out / f"quality-{args.preset}.png", bench.preset["model"].name)
 
 
