@@ -18,7 +18,7 @@ EVAL     ?=
 ARGS     ?=
 OUT      ?= out/$(if $(MODEL),$(notdir $(MODEL)),demo)-$(METHOD)-$(subst :,of,$(TYPE))-$(SPARSITY)
 
-.PHONY: setup prune test bench bench-memory bench-block70b bench-quality bench-structured clean
+.PHONY: setup prune test bench bench-memory bench-block70b bench-quality bench-structured bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,10 @@ bench-quality: setup
 bench-structured: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	cd bench && $(abspath $(BIN))/python structured.py --preset synthetic1b --settings dense shortgpt shrink-flap --repeats 3
+
+# On a CUDA machine (not part of `make bench`): the GPU figures of the README.
+bench-gpu: setup
+	cd bench && $(abspath $(BIN))/python gpu.py
 
 clean:
 	rm -rf out .pytest_cache

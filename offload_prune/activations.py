@@ -9,6 +9,7 @@ run state decides when an old one is deleted.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,8 +17,9 @@ from . import durable
 
 
 class ActivationStore:
-    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool):
+    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool, pin: bool = False):
         self.folder, self.shape, self.dtype, self.on_disk = folder, tuple(shape), dtype, on_disk
+        self.pin = pin and not on_disk  # page-locked RAM: copies to and from a GPU run asynchronously
         self.numel = 1
         for dim in self.shape:
             self.numel *= dim
@@ -44,7 +46,7 @@ class ActivationStore:
         if self.on_disk:
             self._output = self._mapped(durable.reserve_tmp(self.path(index), self.nbytes), shared=True)
         else:
-            self._output = torch.empty(self.shape, dtype=self.dtype)
+            self._output = self._empty()
         return self._output
 
     def open(self, index: int) -> torch.Tensor:
@@ -53,10 +55,18 @@ class ActivationStore:
         if self.on_disk:
             self.tensor = self._mapped(path, shared=False)
         else:
-            self.tensor = torch.empty(self.shape, dtype=self.dtype)
+            self.tensor = self._empty()
             with open(path, "rb") as f:
                 f.readinto(self._bytes(self.tensor))
         return self.tensor
+
+    def _empty(self) -> torch.Tensor:
+        if self.pin:
+            try:
+                return torch.empty(self.shape, dtype=self.dtype, pin_memory=True)
+            except RuntimeError:  # the system's page-locked limit: pageable memory works, only slower
+                self.pin = False
+        return torch.empty(self.shape, dtype=self.dtype)
 
     def output_buffer(self, index: int) -> torch.Tensor:
         """Where block index-1 writes its outputs. In RAM they overwrite the inputs sample by
@@ -68,13 +78,19 @@ class ActivationStore:
 
     def commit(self, index: int) -> durable.FileRecord:
         """Make the output buffer the durable input of block `index`; it becomes `tensor`."""
-        path = self.path(index)
-        if self.on_disk:
-            record = durable.write_file(path, lambda tmp: None)  # already filled through the mapping
-        else:
-            record = durable.write_bytes(path, self._bytes(self._output))
-        self.tensor, self._output = self._output, None
-        return record
+        return self.advance()(index)
+
+    def advance(self) -> Callable[[int], durable.FileRecord]:
+        """The output buffer becomes `tensor` now; the returned `persist(index)` makes it the durable input
+        of block `index` later (another thread may call it; in RAM it reads the buffer, which nothing
+        may overwrite until it returns)."""
+        filled, self.tensor, self._output = self._output, self._output, None
+
+        def persist(index: int) -> durable.FileRecord:
+            if self.on_disk:
+                return durable.write_file(self.path(index), lambda tmp: None)  # filled through the mapping
+            return durable.write_bytes(self.path(index), self._bytes(filled))
+        return persist
 
     def release(self) -> None:
         self.tensor = self._output = None

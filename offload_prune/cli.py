@@ -47,6 +47,9 @@ def prune_parser() -> argparse.ArgumentParser:
         "`offload-prune plan --model X ...` (memory needed, from config.json only)."))
     _common(parser)
     _flag(parser, "save", type=Path, default=None, help="output folder for the pruned model (required)")
+    _flag(parser, "overlap-io", default="on", choices=("on", "off"),
+          help="read the next block and write the last one while a block computes (default on; off: one "
+               "block less of host memory each)")
     _flag(parser, "prune_method", default="wanda", choices=METHODS)
     _flag(parser, "sparsity_ratio", type=float, default=0.5, help="fraction of weights to prune (unstructured)")
     _flag(parser, "sparsity_type", default="unstructured",
@@ -134,6 +137,7 @@ def _sparsegpt_and_budget_flags(parser: argparse.ArgumentParser) -> None:
 def _config(parser: argparse.ArgumentParser, argv: list[str]) -> PruneConfig:
     args = vars(parser.parse_args(argv))
     args["neuron_refit"] = args["neuron_refit"] == "on"
+    args["overlap_io"] = args["overlap_io"] == "on"
     return PruneConfig(**args)
 
 

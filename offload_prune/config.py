@@ -34,6 +34,9 @@ class PruneConfig:
     dtype: str = "auto"
     micro_batch_size: int = 1
     offload_activations: str = "ram"
+    # Read block i+1 and write block i-1 on helper threads while block i computes (one more block of
+    # each on the host); off: everything in series, the least memory.
+    overlap_io: bool = True
     eval_ppl: bool = False
     eval_data: str | None = None
     eval_max_windows: int | None = None

@@ -35,6 +35,7 @@ from .evaluate import evaluation_windows, perplexity
 from .hostmem import keep_large_allocations_mmapped
 from .layer_sparsity import OutlierCounter, owl_ratios, ratios_from_file
 from .methods import PruningMethod, build_method
+from .overlap import Behind
 from .heads import heads_setting
 from .neurons import width_setting
 from .masks import zero_lowest
@@ -99,6 +100,7 @@ class Run:
     meter: PhaseMeter
     given_sparsities: list[float] | None  # per block, before any block is pruned (None: OWL measures them)
     config_changes: dict  # settings of the output's config.json known before the run (the shrunk MLP width)
+    writer: Behind  # writes and commits a pruned block while the next one computes
 
     def block_sparsity(self, index: int) -> float:
         return (self.given_sparsities or self.state.manifest["layer_sparsity"])[index]
@@ -113,7 +115,7 @@ def prune(config: PruneConfig) -> dict:
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device, reader)
     meter = PhaseMeter(device)
-    streamed = StreamedModel(reader, device, dtype)
+    streamed = StreamedModel(reader, device, dtype, read_ahead=config.overlap_io)
     check_positions(streamed, config.seqlen)
     if config.blocks_to_remove is not None:
         check_removal_count(config.blocks_to_remove, streamed.num_layers)
@@ -146,15 +148,21 @@ def prune(config: PruneConfig) -> dict:
         fingerprint["layer_sparsities"] = given_sparsities  # a file's ratios by content, not by its path
     state = RunState.prepare(config.save, reader.folder, fingerprint, streamed.num_layers, config.overwrite,
                              config.resume)
+    writer = Behind(config.overlap_io, "block-writer")
     try:
         if state.manifest["finished"]:
             return _already_finished(state, config)
-        store = ActivationStore(state.dir, activation_shape, dtype, on_disk=config.offload_activations == "disk")
+        store = ActivationStore(state.dir, activation_shape, dtype, on_disk=config.offload_activations == "disk",
+                                pin=device.type == "cuda")
         run = Run(config, reader, device, streamed, method, state, layout, store, head, meter, given_sparsities,
-                  config_changes)
+                  config_changes, writer)
         resumed = state.started
         try:
-            _prune_and_write(run, windows)
+            try:
+                _prune_and_write(run, windows)
+            finally:  # a block being committed is finished before the run stops, on an error too
+                writer.close()
+                streamed.close()
         except DiskFullError as exc:
             raise OffloadPruneError(disk_full_message(exc, state.save, layout, activation_bytes)) from None
         store.release()  # the calibration activations are not needed by the evaluation
@@ -212,6 +220,7 @@ def _prune_blocks(run: Run, windows: torch.Tensor) -> None:
             for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks", disable=run.config.quiet,
                               initial=state.completed_blocks, total=num_layers):
                 inputs = _prune_block(run, index, layer_kwargs[index], inputs)
+            run.writer.wait()
 
 
 def _remove_blocks(run: Run, windows: torch.Tensor) -> None:
@@ -448,6 +457,9 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     sparsity = run.block_sparsity(index)
     method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs, sparsity) if chosen else {}
     last = index + 1 == run.streamed.num_layers
+    # The previous block's commit is finished before this one's outputs are made: in RAM they overwrite
+    # the inputs, which it persists, and its durable steps stay in order before this block's.
+    run.writer.wait()
     if not last:  # the last block's outputs feed nothing
         run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device)
     prefix = run.streamed.block_prefix(index)
@@ -458,12 +470,18 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
     unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
                      for n, w in other_weights(block, matrices).items()})
-    outputs = run.layout.write_unit(1 + index, state.save, run.streamed.block_tensors(index))
-    run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
-    if not last:
-        run_files[run.store.name(index + 1)] = run.store.commit(index + 1)
-    state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
-                 modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned})
+    tensors = run.streamed.block_tensors(index)
+    persist_inputs = None if last else run.store.advance()
+
+    def commit_block() -> None:  # on the writer thread, while the next block loads and collects statistics
+        outputs = run.layout.write_unit(1 + index, state.save, tensors)
+        run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
+        if persist_inputs is not None:
+            run_files[run.store.name(index + 1)] = persist_inputs(index + 1)
+        state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
+                     modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned})
+
+    run.writer.submit(commit_block)
     run.streamed.unload_block(index)
     gc.collect()  # a block's tensors can sit in reference cycles: free them before the next block loads
     return run.store.tensor

@@ -8,7 +8,9 @@ its own line, for the compute device and for the host, with the parts that make 
 - capture:     the embedding (its stored tensor while it is converted), one window's hidden states;
 - prune:       the largest of its steps: loading a block (stored and compute copies), collecting
                statistics and pruning (block, the method's statistics and workspace, one
-               micro-batch), writing it (block, its stored copy, one tensor being serialized);
+               micro-batch), writing it (block, its stored copy, one tensor being serialized); with
+               --overlap-io (default) also the next block's stored tensors being read ahead and the
+               previous block's stored copy being written behind;
 - influence:   (shortgpt) one block with one micro-batch, in the dense pass;
 - copy:        (shortgpt) one kept block's stored tensors, read and written under new names;
 - write:       the tensors outside the blocks, one being serialized, the head's prune workspace;
@@ -100,6 +102,11 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     fused = any(p.dim() == 3 for p in block.parameters())
     stored_loading = {"stored_block": block_stored, **({"expert_fusion": 2 * largest_in_block * stored.itemsize}
                                                        if fused else {})}
+    serialized = largest_in_block * stored.itemsize
+    # --overlap-io: the next block's stored tensors are read while a block loads and computes, and the
+    # previous block's stored copy is still being written while this one loads and collects statistics.
+    ahead = {"next_block_read": block_stored} if config.overlap_io else {}
+    behind = {"previous_block_written": block_stored + serialized} if config.overlap_io else {}
     head_apart = head if not tied or config.nr_prune_lm_head else 0  # a pruned tied head becomes its own tensor
     embed_step = ({"embedding": embedding * compute.itemsize, "window": 4 * window},
                   {"stored_embedding": embedding * stored.itemsize})
@@ -110,21 +117,21 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         "calibration": [({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE})],
         "capture": [embed_step],
         # OWL's dense pass: a block's input norms while it runs, then its scores one matrix at a time.
-        "owl": [({"block_weights": block_compute}, stored_loading),
+        "owl": [({"block_weights": block_compute}, {**stored_loading, **ahead}),
                 ({"block_weights": block_compute, "input_norms": sum(m.in_features * 8 for m in chosen.values()),
-                  "micro_batch": micro_batch}, {}),
+                  "micro_batch": micro_batch}, ahead),
                 ({"block_weights": block_compute,
-                  "outlier_scores": 3 * max(m.weight.numel() for m in chosen.values()) * 4}, {})],
+                  "outlier_scores": 3 * max(m.weight.numel() for m in chosen.values()) * 4}, ahead)],
         # ShortGPT's dense pass: a block and one micro-batch (the influence is a running sum).
-        "influence": [({"block_weights": block_compute}, stored_loading),
-                      ({"block_weights": block_compute, "micro_batch": micro_batch}, {})],
+        "influence": [({"block_weights": block_compute}, {**stored_loading, **ahead}),
+                      ({"block_weights": block_compute, "micro_batch": micro_batch}, ahead)],
         # ShortGPT's output: each kept block's stored tensors read and written under new names.
-        "copy": [({}, {"stored_block": block_stored, "serialized_tensor": largest_in_block * stored.itemsize})],
-        "prune": [({"block_weights": block_compute}, stored_loading),  # load
+        "copy": [({}, {"stored_block": block_stored, "serialized_tensor": serialized})],
+        "prune": [({"block_weights": block_compute}, {**stored_loading, **ahead, **behind}),  # load
                   ({"block_weights": block_compute, "method_peak": max(method["statistics"], method["prune"]),
-                    "micro_batch": micro_batch}, {}),  # statistics, prune, propagate
+                    "micro_batch": micro_batch}, {**ahead, **behind}),  # statistics, prune, propagate
                   ({"block_weights": block_compute},  # write: the stored copy, one tensor serialized at a time
-                   {"stored_block": block_stored, "serialized_tensor": largest_in_block * stored.itemsize})],
+                   {"stored_block": block_stored, "serialized_tensor": serialized, **ahead})],
         "write": [({"head_prune_chunk": chunk_workspace_bytes(head) if config.nr_prune_lm_head else 0},
                    {"outside_tensors": outside * stored.itemsize,
                     "serialized_tensor": max(embedding, head) * stored.itemsize})],

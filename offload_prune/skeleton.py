@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from .checkpoint import CheckpointReader
 from .config import OffloadPruneError
+from .overlap import ReadAhead
 from .tensormap import TensorMap
 
 
@@ -85,8 +86,10 @@ def build_skeleton(model_config) -> tuple[nn.Module, str, nn.ModuleList]:
 class StreamedModel:
     """A causal LM whose weights stay on disk until a step needs them."""
 
-    def __init__(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype):
+    def __init__(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype, read_ahead: bool = False):
         self.reader, self.device, self.dtype = reader, device, dtype
+        # Loading block i starts reading block i+1's tensors on a helper thread (one block's stored bytes).
+        self._ahead = ReadAhead(reader.read, read_ahead)
         self.model, self.layers_path, self.layers = build_skeleton(reader.config)
         self.num_layers = len(self.layers)
         self.base = getattr(self.model, self.model.base_model_prefix)
@@ -164,9 +167,14 @@ class StreamedModel:
                 if leaf in module._parameters and not getattr(module, leaf).is_meta:
                     set_module_tensor_to_device(self.model, name, "meta")
 
+    def _loaded_names(self, index: int) -> list[str]:
+        return [s for g in self._block_groups[index] for s in g.sources]
+
     def load_block(self, index: int) -> nn.Module:
         block, prefix, groups = self.layers[index], self.block_prefix(index), self._block_groups[index]
-        tensors = self.reader.read([s for g in groups for s in g.sources])
+        tensors = self._ahead.take(index, self._loaded_names(index))
+        if index + 1 < self.num_layers:
+            self._ahead.start(index + 1, self._loaded_names(index + 1))
         for group in groups:  # converted and materialised one group at a time: one fusion's copies alive at once
             params = self.tensormap.to_params([group], {s: tensors.pop(s) for s in group.sources})
             self._materialise(block, {n[len(prefix):]: t for n, t in params.items()})
@@ -176,6 +184,10 @@ class StreamedModel:
             raise OffloadPruneError(f"{prefix}{unloaded[0]} has no tensor of its own in block {index} of the "
                                     "checkpoint: this model cannot be streamed block by block")
         return block
+
+    def close(self) -> None:
+        """Ends the read-ahead thread (a read in flight finishes first)."""
+        self._ahead.close()
 
     def unload_block(self, index: int) -> None:
         block = self.layers[index]
@@ -266,10 +278,15 @@ def run_windows(layer: nn.Module, kwargs: dict, inputs: torch.Tensor, outputs: t
     """Run every window through `layer` in micro-batches; keep the results in `outputs` (which
     may be `inputs` itself: each micro-batch is read before it is overwritten) unless None."""
     kwargs = send_to_device(kwargs, device)
+    # On a GPU the copies are queued on the compute stream (asynchronous from a pinned cache) and the host
+    # waits once, at the end: a micro-batch's outputs overwrite its own inputs only after the copy that
+    # read them, in stream order.
     for start in range(0, inputs.shape[0], micro_batch_size):
         batch = slice(start, start + micro_batch_size)
-        out = layer(inputs[batch].to(device), **kwargs)
+        out = layer(inputs[batch].to(device, non_blocking=True), **kwargs)
         # transformers 5 returns a tensor; 4.x returned a tuple whose first item is the hidden states.
         out = out[0] if isinstance(out, tuple) else out
         if outputs is not None:
-            outputs[batch] = out.to("cpu", outputs.dtype)
+            outputs[batch].copy_(out, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

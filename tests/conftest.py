@@ -41,6 +41,12 @@ def run_cli(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=timeout)
 
 
+def quick_args(model: Path, save: Path, *extra) -> list[str]:
+    """A few-second prune of a test checkpoint on its own demo text."""
+    return [str(a) for a in ("--model", model, "--save", save, "--calib-data", model / "demo.txt",
+                             "--nsamples", 4, "--seqlen", 32, "--quiet", *extra)]
+
+
 def folder_digests(folder: Path, skip=("report.json",)) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.iterdir()) if p.is_file() and p.name not in skip}

@@ -10,7 +10,7 @@ import pytest
 
 from offload_prune.cli import main
 
-from conftest import folder_digests, run_cli
+from conftest import folder_digests, quick_args, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +18,7 @@ def model(checkpoint_factory):
     return checkpoint_factory(num_layers=3, hidden=64, intermediate=128, max_shard_size="40KB")
 
 
-def args(model, save, *extra):
-    return [str(a) for a in ("--model", model, "--save", save, "--calib-data", model / "demo.txt",
-                             "--nsamples", 4, "--seqlen", 32, "--quiet", *extra)]
+args = quick_args
 
 
 @pytest.fixture(scope="module")

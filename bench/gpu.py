@@ -1,0 +1,139 @@
+"""The CUDA path, measured, in one command on any CUDA machine.
+
+    python bench/gpu.py                                   # every part below (~15-25 min on one H100)
+    python bench/gpu.py --parts 70b-block 7b-wanda        # some of them
+    python bench/gpu.py --device cpu --layers 2 --nsamples 2 --seqlen 64 --width small   # a dry run anywhere
+
+Parts (each one a fresh process; its result is added to OUT/gpu.json as soon as it is done, and a
+part already there is not run again, so a machine taken away halfway loses nothing finished):
+
+- `7b-wanda`, `7b-sparsegpt`: a synthetic checkpoint in LLaMA-2-7B's shapes (32 blocks, fp16, random
+  weights) pruned by offload-prune, 128 x 2048 calibration tokens: wall time, time per block, and
+  each phase's peak `max_memory_reserved` against the plan.
+- `70b-block`: one block in LLaMA-2-70B's shapes, SparseGPT, 128 x 2048: peak device memory against
+  the plan and the 20 GiB goal.
+- `7b-whole-wanda`, `7b-whole-sparsegpt`: the same work with the whole model on the GPU (from_pretrained,
+  the layer-0 inputs kept on the GPU, the same method code layer by layer, save_pretrained), the
+  in-memory baseline.
+
+The checkpoints are written under --workdir (13 GiB for the 7B shape, 1.7 GiB for the 70B block).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+from memory import machine, whole_model_prune
+from phases import phase_table
+from phases import run as run_offload_prune
+from synthetic import build_checkpoint
+
+WIDTHS = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8),
+    "small": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4),
+}
+PARTS = ["70b-block", "7b-wanda", "7b-sparsegpt", "7b-whole-wanda", "7b-whole-sparsegpt"]
+GIB = 2**30
+
+
+def checkpoint(args, shape: str, layers: int) -> Path:
+    width = WIDTHS["small" if args.width == "small" else shape]
+    folder = args.workdir / f"llama-{args.width if args.width == 'small' else shape}-{layers}L"
+    if not (folder / "config.json").exists():
+        build_checkpoint(folder, LlamaConfig(num_hidden_layers=layers, vocab_size=32000, bos_token_id=256,
+                                             eos_token_id=257, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                             tie_word_embeddings=False, dtype="float16", **width))
+    return folder
+
+
+def streamed(args, model: Path, method: str) -> dict:
+    report = run_offload_prune(["--model", str(model), "--prune_method", method, "--calib-data", str(model / "demo.txt"),
+                                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                                "--device", args.device], args.workdir / f"out-{model.name}-{method}")
+    plan = report["memory_plan"]
+    return {"wall_seconds": report["wall_seconds"], "phase_seconds": report["seconds"],
+            "seconds_per_block": report["seconds"]["prune"] / plan["num_layers"],
+            "peak_device_reserved": report["peak_device_bytes"], "planned_device": plan["device"]["peak"],
+            "peak_host_rss": report["peak_host_rss_bytes"], "planned_host": plan["host"]["peak"],
+            "phases": phase_table(report)}
+
+
+def child(args) -> dict:
+    """One part, in this (fresh) process."""
+    if args.child == "70b-block":
+        return streamed(args, checkpoint(args, "70b", 1), "sparsegpt")
+    model = checkpoint(args, "7b", args.layers)
+    if args.child.startswith("7b-whole-"):
+        dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+        return whole_model_prune(model, args.workdir / f"out-{model.name}-whole", args.child.rsplit("-", 1)[1],
+                                 args.nsamples, args.seqlen, torch.device(args.device), dtype)
+    return streamed(args, model, args.child.rsplit("-", 1)[1])
+
+
+def describe_device(device: str) -> str:
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{props.name}, {props.total_memory / GIB:.0f} GiB"
+    return "CPU"
+
+
+def summary(results: dict) -> str:
+    lines = ["| part | wall | per block | peak device reserved | device plan | peak host RSS | host plan |",
+             "|---|---|---|---|---|---|---|"]
+    for part, r in results.items():
+        gib = lambda key: f"{r[key] / GIB:.2f} GiB" if r.get(key) is not None else "-"  # noqa: E731
+        wall = r.get("wall_seconds", r.get("seconds"))
+        per_block = f"{r['seconds_per_block']:.1f} s" if "seconds_per_block" in r else "-"
+        lines.append(f"| {part} | {wall:.0f} s | {per_block} | {gib('peak_device_reserved')} | {gib('planned_device')} | "
+                     f"{gib('peak_host_rss') if 'peak_host_rss' in r else gib('peak_rss')} | {gib('planned_host')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=32, help="blocks of the 7B-shaped checkpoint")
+    parser.add_argument("--width", choices=["real", "small"], default="real", help="small: a dry run's shapes")
+    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "offload-prune-gpu")
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--child", choices=PARTS)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    results_file = args.out / "gpu.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    print(f"machine: {machine()}; device: {describe_device(args.device)}")
+    print(f"LLaMA-2 shapes ({args.width}), fp16 checkpoints, {args.nsamples} x {args.seqlen} calibration tokens\n")
+    for part in args.parts:
+        if part in results:
+            continue
+        command = [sys.executable, __file__, "--child", part, *sys.argv[1:]]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{part} failed:\n{done.stderr[-3000:]}")
+            continue
+        results[part] = {**json.loads(done.stdout.strip().splitlines()[-1]), "device": describe_device(args.device)}
+        results_file.write_text(json.dumps(results, indent=1))
+        print(f"{part}: done", flush=True)
+        if "phases" in results[part]:
+            print(results[part]["phases"] + "\n", flush=True)
+    print(summary({p: results[p] for p in args.parts if p in results}))
+
+
+if __name__ == "__main__":
+    main()
