@@ -26,15 +26,17 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, stores: tuple[str, ...] = ("ram", "disk")) -> None:
     _flag(parser, "model", required=True, help="local Hugging Face model folder or hub id")
     _flag(parser, "seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     _flag(parser, "device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
     _flag(parser, "dtype", default="auto", choices=DTYPES,
           help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
     _flag(parser, "micro-batch-size", type=int, default=1, help="windows per forward call (default 1)")
-    _flag(parser, "offload-activations", default="ram", choices=("ram", "disk"),
-          help="keep cached activations in RAM or in a memory-mapped file")
+    _flag(parser, "offload-activations", default="ram", choices=stores,
+          help="keep cached activations in RAM or in a memory-mapped file" + (
+              "; auto: RAM when the memory plan with them there fits the host (--max-host-memory, or the memory "
+              "available), else disk" if "auto" in stores else ""))
     _flag(parser, "eval-data", default=None, help="text file (or wikitext2) for perplexity")
     _flag(parser, "eval-max-windows", type=int, default=None, help="evaluate at most this many windows")
     _flag(parser, "quiet", action="store_true", help="no progress bars or summary")
@@ -45,7 +47,7 @@ def prune_parser() -> argparse.ArgumentParser:
         "Prune a Hugging Face causal LM block by block from its safetensors shards. "
         "Other commands: `offload-prune eval --model X --eval-data F` (perplexity), "
         "`offload-prune plan --model X ...` (memory needed, from config.json only)."))
-    _common(parser)
+    _common(parser, stores=("ram", "disk", "auto"))
     _flag(parser, "save", type=Path, default=None, help="output folder for the pruned model (required)")
     _flag(parser, "overlap-io", default="on", choices=("on", "off"),
           help="read the next block and write the last one while a block computes (default on; off: one "
@@ -149,12 +151,14 @@ def plan_parser() -> argparse.ArgumentParser:
 
 
 def run_plan(argv: list[str]) -> int:
-    from .plan import check_budget, format_plan, load_config_only, memory_plan
+    from .plan import check_budget, format_plan, load_config_only, memory_plan, resolve_activation_store
 
     config = _config(plan_parser(), argv).validate()
     device_type = "cpu" if config.device == "cpu" else ("cuda" if config.device != "auto" else _auto_device())
     text_size, eval_windows = _text_sizes(config)
-    plan = memory_plan(config, load_config_only(config.model), device_type, text_size, eval_windows)
+    model_config = load_config_only(config.model)
+    config, plan = resolve_activation_store(
+        config, lambda options: memory_plan(options, model_config, device_type, text_size, eval_windows))
     print(format_plan(plan, config.model))
     check_budget(plan, config)
     return 0

@@ -40,7 +40,7 @@ from .heads import heads_setting
 from .neurons import width_setting
 from .masks import zero_lowest
 from .matrices import Matrix, describe, find_matrices, observe, other_weights
-from .plan import check_budget, memory_plan
+from .plan import check_budget, memory_plan, resolve_activation_store
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import RunState
 from .selection import selected_matrices
@@ -130,8 +130,14 @@ def prune(config: PruneConfig) -> dict:
                                                  config.seed)
         evaluation = (evaluation_windows(config.eval_data, tokenizer, config.seqlen, config.eval_max_windows)
                       if config.eval_ppl else None)
-    plan = memory_plan(config, reader.config, device.type, text_size, len(evaluation) if config.eval_ppl else 0,
-                       process_bytes=current_host_rss_bytes())
+    process_bytes = current_host_rss_bytes()
+    asked = config.offload_activations
+    config, plan = resolve_activation_store(config, lambda options: memory_plan(
+        options, reader.config, device.type, text_size, len(evaluation) if config.eval_ppl else 0,
+        process_bytes=process_bytes))
+    if asked == "auto" and not config.quiet:
+        print(f"--offload-activations auto: {config.offload_activations} (host plan "
+              f"{plan['host']['peak'] / 2**30:.2f} GiB)", file=sys.stderr)
     check_budget(plan, config)  # still before any weight is read
     method = build_method(config, reader.config)
     if config.layer_sparsity in ("uniform", "owl"):

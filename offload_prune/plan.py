@@ -23,6 +23,10 @@ suite checks each phase against the peak a run measures (report.json, `phase_pea
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Callable
+
+import psutil
 import torch
 
 from .config import OffloadPruneError, PruneConfig
@@ -76,6 +80,8 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     compute = planned_compute_dtype(config, device_type, model_config)
     stored = stored_dtype(model_config)
     on_cpu = device_type == "cpu"
+    if config.offload_activations not in ("ram", "disk"):
+        raise ValueError("plan an activation store that is resolved (resolve_activation_store)")
     in_ram = config.offload_activations == "ram"
     block_numel = sum(p.numel() for p in block.parameters())
     matrices = find_matrices(block)
@@ -166,12 +172,28 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     host_phase = max(host_plan, key=lambda p: host_plan[p]["peak"])
     return {"device_type": device_type, "compute_dtype": str(compute).replace("torch.", ""),
             "stored_dtype": str(stored).replace("torch.", ""), "num_layers": len(layers),
-            "method": dict(method), "activation_cache_bytes": cache, "eval_windows": eval_windows,
+            "method": dict(method), "activation_cache_bytes": cache, "activation_store": config.offload_activations, "eval_windows": eval_windows,
             "phases": {name: {"device": device_plan[name]["peak"], "host": host_plan[name]["peak"],
                               "device_parts": device_plan[name], "host_parts": host_plan[name]}
                        for name in device_plan},
             "device": {"phase": device_phase, **device_plan[device_phase]},
             "host": {"phase": host_phase, **host_plan[host_phase]}}
+
+
+def resolve_activation_store(config: PruneConfig, plan_for: Callable[[PruneConfig], dict]) -> tuple[PruneConfig, dict]:
+    """--offload-activations auto: the cache in RAM when the plan with it there fits the host, on disk
+    otherwise. The host's limit is --max-host-memory, or else what the process holds now plus 90 % of
+    the memory the system has available. Returns the options with the store named, and their plan."""
+    if config.offload_activations != "auto":
+        return config, plan_for(config)
+    in_ram = replace(config, offload_activations="ram")
+    plan = plan_for(in_ram)
+    limit = config.max_host_memory or plan["phases"]["calibration"]["host_parts"]["process"] + int(
+        0.9 * psutil.virtual_memory().available)
+    if plan["host"]["peak"] <= limit:
+        return in_ram, plan
+    on_disk = replace(config, offload_activations="disk")
+    return on_disk, plan_for(on_disk)
 
 
 def check_budget(plan: dict, config: PruneConfig) -> None:
@@ -192,7 +214,8 @@ def _gib(value: int) -> str:
 
 def format_plan(plan: dict, model: str) -> str:
     lines = [f"memory plan for {model}: {plan['num_layers']} blocks, compute on {plan['device_type']} in "
-             f"{plan['compute_dtype']} (stored {plan['stored_dtype']})"]
+             f"{plan['compute_dtype']} (stored {plan['stored_dtype']}); calibration activations "
+             f"{_gib(plan['activation_cache_bytes'])} {'in RAM' if plan['activation_store'] == 'ram' else 'on disk'}"]
     for where in ("device", "host"):
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in plan[where].items() if k not in ("peak", "phase"))
         lines.append(f"  {where:<6} peak {_gib(plan[where]['peak']):>10} in {plan[where]['phase']}  ({parts})")

@@ -3,8 +3,11 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -12,10 +15,10 @@ from transformers import LlamaConfig
 from offload_prune.checkpoint import CheckpointReader
 from offload_prune.cli import main
 from offload_prune.config import PruneConfig
-from offload_prune.plan import PROCESS_BASELINE_BYTES, memory_plan
+from offload_prune.plan import PROCESS_BASELINE_BYTES, memory_plan, resolve_activation_store
 from offload_prune.skeleton import StreamedModel
 
-from conftest import run_cli
+from conftest import folder_digests, quick_args, run_cli
 
 GIB = 2**30
 
@@ -164,3 +167,34 @@ def test_mixture_of_experts_phases_within_the_plan(tmp_path):
         plan = report["memory_plan"]["phases"][phase]["host"]
         print(f"{phase}: planned {plan / 2**20:.0f} MiB, measured {peaks['host'] / 2**20:.0f} MiB")
         assert plan / 1.5 <= peaks["host"] <= plan * 1.10, phase
+
+
+@pytest.mark.parametrize("available_mib,chosen", [(64 * 1024, "ram"), (1, "disk")])
+def test_auto_activation_store_follows_the_memory_available(tiny_llama, tmp_path, capsys, monkeypatch,
+                                                            available_mib, chosen):
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available_mib * 2**20))
+    common = ("--nsamples", 16, "--seqlen", 64)
+    assert main(quick_args(tiny_llama, tmp_path / "fixed", *common, "--offload-activations", chosen)) == 0
+    argv = [a for a in quick_args(tiny_llama, tmp_path / "auto", *common, "--offload-activations", "auto")
+            if a != "--quiet"]
+    assert main(argv) == 0
+    assert f"--offload-activations auto: {chosen}" in capsys.readouterr().err
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["memory_plan"]["activation_store"] == chosen
+    assert folder_digests(tmp_path / "auto") == folder_digests(tmp_path / "fixed")
+
+
+def test_auto_activation_store_takes_the_host_limit_when_given(tiny_llama):
+
+    config = PruneConfig(model=str(tiny_llama), nsamples=64, seqlen=64, offload_activations="auto").validate()
+    model_config = LlamaConfig.from_pretrained(tiny_llama)
+
+    def plan_for(options):
+        return memory_plan(options, model_config, "cpu", process_bytes=PROCESS_BASELINE_BYTES)
+
+    ram = plan_for(PruneConfig(model="-", nsamples=64, seqlen=64, offload_activations="ram"))["host"]["peak"]
+    disk = plan_for(PruneConfig(model="-", nsamples=64, seqlen=64, offload_activations="disk"))["host"]["peak"]
+    assert disk < ram
+    for limit, chosen in ((ram, "ram"), (ram - 1, "disk"), (disk, "disk")):
+        resolved, plan = resolve_activation_store(replace(config, max_host_memory=limit), plan_for)
+        assert resolved.offload_activations == chosen and plan["activation_store"] == chosen
