@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: the preset's)")
     parser.add_argument("--fresh", action="store_true", help="prune again even where a folder holds the same job")
+    parser.add_argument("--tag", default="", help="named results and plot (structured-<preset>-<tag>), so a run "
+                        "of some settings does not replace the full table's")
     parser.add_argument("--plots", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -175,10 +177,10 @@ def main() -> None:
         print(f"| {row['setting']} | {row['params'] / 1e6:.1f} M | {row['disk_bytes'] / 2**20:.1f} MiB | "
               f"{row['latency_s'] * 1000:.0f} ms{faster} | {row['tokens_per_s']:.1f} tok/s{quicker} | {ppl} | "
               f"{row['prune_seconds']:.0f} s |")
-    path = args.out / f"structured-{args.preset}{f'-n{args.nsamples}' if args.nsamples else ''}.json"
+    name = f"structured-{args.preset}{f'-{args.tag}' if args.tag else ''}"
+    path = args.out / f"{name}{f'-n{args.nsamples}' if args.nsamples else ''}.json"
     path.write_text(json.dumps({"machine": bench.describe() + gpu, "rows": rows}, indent=1))
-    plot(rows, args.plots / f"structured-{args.preset}{'-gpu' if device.type == 'cuda' else ''}.png",
-         f"{model.name}{gpu}")
+    plot(rows, args.plots / f"{name}{'-gpu' if device.type == 'cuda' else ''}.png", f"{model.name}{gpu}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
