@@ -2,7 +2,8 @@
 
 `ram` keeps them in memory and persists a copy per block for resuming; `disk` keeps them in a
 memory-mapped file, so host memory holds only the pages in use. Files are raw bytes (torch
-can map any dtype, bf16 included) named by the block they feed: acts_00012.bin feeds block 12.
+can map any dtype, bf16 included) named by the block they feed: acts_00012.bin feeds block 12
+(acts_00012.rank1.bin: the share of rank 1, across torchrun ranks).
 A committed file is only ever read (mapped read-only on disk), never created by reading it; the
 run state decides when an old one is deleted.
 """
@@ -17,8 +18,9 @@ from . import durable
 
 
 class ActivationStore:
-    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool, pin: bool = False):
-        self.folder, self.shape, self.dtype, self.on_disk = folder, tuple(shape), dtype, on_disk
+    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool, pin: bool = False,
+                 tag: str = ""):
+        self.folder, self.shape, self.dtype, self.on_disk, self.tag = folder, tuple(shape), dtype, on_disk, tag
         self.pin = pin and not on_disk  # page-locked RAM: copies to and from a GPU run asynchronously
         self.numel = 1
         for dim in self.shape:
@@ -30,9 +32,8 @@ class ActivationStore:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
-    @staticmethod
-    def name(index: int) -> str:
-        return f"acts_{index:05d}.bin"
+    def name(self, index: int) -> str:
+        return f"acts_{index:05d}{self.tag}.bin"
 
     def path(self, index: int) -> Path:
         return self.folder / self.name(index)

@@ -136,30 +136,41 @@ def _sparsegpt_and_budget_flags(parser: argparse.ArgumentParser) -> None:
           help="refuse to start if the plan needs more host memory (e.g. 16GiB)")
 
 
-def _config(parser: argparse.ArgumentParser, argv: list[str]) -> PruneConfig:
+def _options(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
     args = vars(parser.parse_args(argv))
     args["neuron_refit"] = args["neuron_refit"] == "on"
     args["overlap_io"] = args["overlap_io"] == "on"
-    return PruneConfig(**args)
+    return args
+
+
+def _config(parser: argparse.ArgumentParser, argv: list[str]) -> PruneConfig:
+    return PruneConfig(**_options(parser, argv))
 
 
 def plan_parser() -> argparse.ArgumentParser:
     parser = prune_parser()
     parser.prog = "offload-prune plan"
     parser.description = "Print the peak device and host memory a prune run needs; reads only config.json."
+    _flag(parser, "ranks", type=int, default=1,
+          help="plan one of N torchrun ranks, which caches only its share of the windows (default 1)")
     return parser
 
 
 def run_plan(argv: list[str]) -> int:
-    from .plan import check_budget, format_plan, load_config_only, memory_plan, resolve_activation_store
+    from .distributed import Ranks
+    from .plan import check_budget, format_plan, load_config_only, memory_plan, per_rank, resolve_activation_store
 
-    config = _config(plan_parser(), argv).validate()
+    options = _options(plan_parser(), argv)
+    ranks = options.pop("ranks")
+    if ranks < 1:
+        raise OffloadPruneError(f"--ranks must be >= 1, got {ranks}")
+    config = PruneConfig(**options).validate()
     device_type = "cpu" if config.device == "cpu" else ("cuda" if config.device != "auto" else _auto_device())
     text_size, eval_windows = _text_sizes(config)
     model_config = load_config_only(config.model)
-    config, plan = resolve_activation_store(
-        config, lambda options: memory_plan(options, model_config, device_type, text_size, eval_windows))
-    print(format_plan(plan, config.model))
+    config, plan = resolve_activation_store(config, lambda options: memory_plan(
+        per_rank(options, Ranks(0, ranks)), model_config, device_type, text_size, eval_windows))
+    print(format_plan(plan, config.model) + (f"\n(per rank, for rank 0 of {ranks})" if ranks > 1 else ""))
     check_budget(plan, config)
     return 0
 

@@ -1,7 +1,7 @@
 """One dataclass for every option of a run, validated once before any weight is read."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -161,6 +161,11 @@ class PruneConfig:
         if self.eval_ppl and not self.eval_data:
             raise OffloadPruneError("--eval-ppl needs --eval-data (a local text file, or wikitext2 with `datasets`)")
         return self
+
+    def replaced(self, **changes) -> "PruneConfig":
+        """A copy with these options changed, validated: `dataclasses.replace` alone would leave the
+        fields validate() derives (N:M, the blocks to remove) at their defaults."""
+        return replace(self, **changes).validate()
 
     def _validate_layer_sparsity(self) -> None:
         if self.layer_sparsity == "uniform":

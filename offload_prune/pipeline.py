@@ -14,6 +14,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import transformers
@@ -30,6 +31,7 @@ from .calibration import calibration_windows
 from .checkpoint import INDEX_NAME, CheckpointReader, ShardLayout, side_files
 from .config import OffloadPruneError, PruneConfig
 from .diskspace import check_disk_space, disk_full_message
+from .distributed import Ranks
 from .durable import DiskFullError
 from .evaluate import evaluation_windows, perplexity
 from .hostmem import keep_large_allocations_mmapped
@@ -40,9 +42,9 @@ from .heads import heads_setting
 from .neurons import width_setting
 from .masks import zero_lowest
 from .matrices import Matrix, describe, find_matrices, observe, other_weights
-from .plan import check_budget, memory_plan, resolve_activation_store
+from .plan import check_budget, memory_plan, per_rank, resolve_activation_store
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
-from .runstate import RunState
+from .runstate import FollowerState, RunState
 from .selection import selected_matrices
 from .skeleton import StreamedModel, build_skeleton, run_windows
 
@@ -101,6 +103,7 @@ class Run:
     given_sparsities: list[float] | None  # per block, before any block is pruned (None: OWL measures them)
     config_changes: dict  # settings of the output's config.json known before the run (the shrunk MLP width)
     writer: Behind  # writes and commits a pruned block while the next one computes
+    ranks: Ranks  # the torchrun processes sharing the calibration windows (one by default)
 
     def block_sparsity(self, index: int) -> float:
         return (self.given_sparsities or self.state.manifest["layer_sparsity"])[index]
@@ -113,6 +116,19 @@ def prune(config: PruneConfig) -> dict:
     keep_large_allocations_mmapped()
     reader = CheckpointReader(config.model)  # config and shard headers only
     device = pick_device(config.device)
+    ranks = Ranks.from_environment(device.type)
+    try:
+        return _prune_on_ranks(config, reader, ranks.device(device), ranks)
+    finally:
+        ranks.close()
+
+
+def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch.device, ranks: Ranks) -> dict:
+    if ranks.world > config.nsamples:
+        raise OffloadPruneError(f"--nsamples {config.nsamples} leaves some of the {ranks.world} ranks without a "
+                                "calibration window")
+    if not ranks.lead:  # one summary and one set of progress bars, rank 0's
+        config = config.replaced(quiet=True)
     dtype = pick_dtype(config.dtype, device, reader)
     meter = PhaseMeter(device)
     streamed = StreamedModel(reader, device, dtype, read_ahead=config.overlap_io)
@@ -129,17 +145,19 @@ def prune(config: PruneConfig) -> dict:
         windows, text_size = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen,
                                                  config.seed)
         evaluation = (evaluation_windows(config.eval_data, tokenizer, config.seqlen, config.eval_max_windows)
-                      if config.eval_ppl else None)
+                      if config.eval_ppl and ranks.lead else None)  # rank 0 evaluates
     process_bytes = current_host_rss_bytes()
     asked = config.offload_activations
+    own_windows = ranks.windows(len(windows))
     config, plan = resolve_activation_store(config, lambda options: memory_plan(
-        options, reader.config, device.type, text_size, len(evaluation) if config.eval_ppl else 0,
-        process_bytes=process_bytes))
+        per_rank(options, ranks), reader.config, device.type, text_size,
+        len(evaluation) if evaluation is not None else 0, process_bytes=process_bytes))
     if asked == "auto" and not config.quiet:
         print(f"--offload-activations auto: {config.offload_activations} (host plan "
               f"{plan['host']['peak'] / 2**30:.2f} GiB)", file=sys.stderr)
     check_budget(plan, config)  # still before any weight is read
     method = build_method(config, reader.config)
+    _check_ranks(ranks, method, config)
     if config.layer_sparsity in ("uniform", "owl"):
         given_sparsities = [config.sparsity_ratio] * streamed.num_layers if config.layer_sparsity == "uniform" else None
     else:
@@ -152,29 +170,60 @@ def prune(config: PruneConfig) -> dict:
     fingerprint = _fingerprint(config, reader, windows, method, device, dtype)
     if config.layer_sparsity not in ("uniform", "owl"):
         fingerprint["layer_sparsities"] = given_sparsities  # a file's ratios by content, not by its path
-    state = RunState.prepare(config.save, reader.folder, fingerprint, streamed.num_layers, config.overwrite,
-                             config.resume)
+    if ranks.world > 1:  # each rank's activation files hold its share of the windows
+        fingerprint["ranks"] = ranks.world
+    state = _run_state(config, reader, fingerprint, streamed.num_layers, ranks)
     writer = Behind(config.overlap_io, "block-writer")
     try:
         if state.manifest["finished"]:
             return _already_finished(state, config)
-        store = ActivationStore(state.dir, activation_shape, dtype, on_disk=config.offload_activations == "disk",
-                                pin=device.type == "cuda")
+        store = ActivationStore(state.dir, (len(windows[own_windows]), *activation_shape[1:]), dtype,
+                                on_disk=config.offload_activations == "disk", pin=device.type == "cuda",
+                                tag=ranks.tag())
         run = Run(config, reader, device, streamed, method, state, layout, store, head, meter, given_sparsities,
-                  config_changes, writer)
+                  config_changes, writer, ranks)
         resumed = state.started
         try:
             try:
-                _prune_and_write(run, windows)
+                _prune_and_write(run, windows[own_windows])
             finally:  # a block being committed is finished before the run stops, on an error too
                 writer.close()
                 streamed.close()
         except DiskFullError as exc:
             raise OffloadPruneError(disk_full_message(exc, state.save, layout, activation_bytes)) from None
         store.release()  # the calibration activations are not needed by the evaluation
+        if not ranks.lead:
+            return {"rank": ranks.rank, "ranks": ranks.world, "save": str(state.save)}
         return _evaluate_and_report(run, evaluation, plan, dtype, resumed)
     finally:
         state.release()
+
+
+def _check_ranks(ranks: Ranks, method: PruningMethod, config: PruneConfig) -> None:
+    """Refuses, before any weight is read, what does not run across torchrun ranks."""
+    if ranks.world > 1 and not method.runs_on_ranks:
+        what = f"--prune_method {config.prune_method}"
+        if config.sparsity_type == "structured":
+            what = "--sparsity_type structured"
+        raise OffloadPruneError(f"{what} does not run across torchrun ranks yet (magnitude, wanda, sparsegpt, "
+                                "admm and ria do, unstructured and N:M); run it in one process")
+
+
+def _run_state(config: PruneConfig, reader: CheckpointReader, fingerprint: dict, num_layers: int,
+               ranks: Ranks) -> RunState:
+    """Rank 0 locks the output folder and starts or picks up the run; the other ranks follow its manifest."""
+    state = None
+    try:
+        if ranks.lead:
+            state = RunState.prepare(config.save, reader.folder, fingerprint, num_layers, config.overwrite,
+                                     config.resume)
+    finally:  # the others learn of a refusal too, rather than waiting for a manifest
+        manifest = ranks.from_lead(state.manifest if state else None)
+    if state is not None:
+        return state
+    if manifest is None:
+        raise OffloadPruneError("rank 0 stopped before the run started (its message says why)")
+    return FollowerState(config.save, manifest, num_layers)
 
 
 def _fingerprint(config: PruneConfig, reader: CheckpointReader, windows: torch.Tensor, method: PruningMethod,
@@ -202,7 +251,7 @@ def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
         _remove_blocks(run, windows)
     else:
         _prune_blocks(run, windows)
-    if not state.manifest["finalized"]:
+    if not state.manifest["finalized"] and run.ranks.lead:
         with meter("write"):
             _write_outside(run)
 
@@ -310,7 +359,7 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
         "save": str(state.save), "model": str(run.reader.folder), "method": config.prune_method,
         "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
         "options": config.result_options(run.method.options), "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""), "resumed": resumed,
+        "dtype": str(dtype).replace("torch.", ""), "resumed": resumed, "ranks": run.ranks.world,
         "memory_plan": plan, "modules": state.modules, "unpruned": state.manifest["unpruned"],
         "totals": totals(state.modules, state.manifest["unpruned"]),
         "nm_valid": all(m["nm_valid"] for m in state.modules.values()) if config.nm else None,
@@ -386,9 +435,24 @@ def _capture(run: Run, windows: torch.Tensor) -> None:
     layer_kwargs = run.streamed.capture_into(windows, layer0_inputs, run.config.quiet, "calibration: embed")
     run.streamed.unload_outside()
     on_cpu = send_to_device(layer_kwargs, "cpu")
-    kwargs_record = durable.write_file(run.state.dir / LAYER_KWARGS, lambda tmp: torch.save(on_cpu, tmp))
-    acts_record = run.store.commit(0)
-    run.state.commit(run_files={LAYER_KWARGS: kwargs_record, run.store.name(0): acts_record}, captured=True)
+    inputs = _advance_inputs(run, 0)()
+    kwargs_record = (durable.write_file(run.state.dir / LAYER_KWARGS, lambda tmp: torch.save(on_cpu, tmp))
+                     if run.ranks.lead else None)
+    run.state.commit(run_files={LAYER_KWARGS: kwargs_record, **inputs}, captured=True)
+    run.ranks.barrier()  # every rank reads the keyword arguments rank 0 wrote
+
+
+def _advance_inputs(run: Run, index: int) -> Callable[[], dict[str, durable.FileRecord]]:
+    """The outputs just made become the inputs of block `index`; returns what makes them durable and
+    names them for the manifest. In one process it does so when called (on the writer thread, maybe).
+    Across ranks every rank persists its share now, after a barrier (rank 0's previous commit is over:
+    it deletes the run files it does not name), and rank 0 names them all."""
+    persist = run.store.advance()
+    if run.ranks.world == 1:
+        return lambda: {run.store.name(index): persist(index)}
+    run.ranks.barrier()
+    records = dict(run.ranks.gather((run.store.name(index), persist(index))))
+    return lambda: records
 
 
 def _dense_pass(run: Run, key: str, desc: str, start_measuring) -> list[dict]:
@@ -416,7 +480,7 @@ def _dense_pass(run: Run, key: str, desc: str, start_measuring) -> list[dict]:
         measured = [*measured, measurement]
         run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS), **extra_files}
         if not last:
-            run_files[run.store.name(index + 1)] = run.store.commit(index + 1)
+            run_files.update(_advance_inputs(run, index + 1)())
         state.commit(run_files=run_files, **{key: measured})
         streamed.unload_block(index)
         gc.collect()
@@ -431,6 +495,8 @@ def _start_outliers(run: Run, index: int, block: nn.Module, layer_kwargs: dict, 
     counter = OutlierCounter()
 
     def result() -> tuple[dict, dict]:
+        run.ranks.sum_named(counter.sum_squares, list(chosen), lambda name: torch.zeros(
+            chosen[name].in_features, dtype=torch.float64, device=chosen[name].weight.device))
         ratio, weights = counter.outlier_ratio(chosen, run.config.owl_m)
         return {"outlier_ratio": ratio, "weights": weights}, {}
 
@@ -477,17 +543,16 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
                      for n, w in other_weights(block, matrices).items()})
     tensors = run.streamed.block_tensors(index)
-    persist_inputs = None if last else run.store.advance()
+    next_inputs = dict if last else _advance_inputs(run, index + 1)
 
     def commit_block() -> None:  # on the writer thread, while the next block loads and collects statistics
         outputs = run.layout.write_unit(1 + index, state.save, tensors)
-        run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS)}
-        if persist_inputs is not None:
-            run_files[run.store.name(index + 1)] = persist_inputs(index + 1)
+        run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS), **next_inputs()}
         state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
                      modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned})
 
-    run.writer.submit(commit_block)
+    if run.ranks.lead:
+        run.writer.submit(commit_block)
     run.streamed.unload_block(index)
     gc.collect()  # a block's tensors can sit in reference cycles: free them before the next block loads
     return run.store.tensor
@@ -506,16 +571,38 @@ def _prune_matrices(run: Run, block: nn.Module, chosen: dict[str, Matrix], layer
             method.start_pass(calibration_pass)
             _collect(method, block, members, layer_kwargs, inputs, config, device,
                      tokens if calibration_pass == 0 else None)
+        if run.ranks.world > 1 and method.needs_calibration:
+            tokens = run.ranks.sum_counts(tokens, list(members))
+            method.reduce_statistics(run.ranks, members)
         starved = _starved(members, tokens, config) if method.needs_calibration else {}
         if starved:
             method_info.update(_prune_by_magnitude(method, starved, tokens, config, sparsity))
         rest = {n: m for n, m in members.items() if n not in starved}
         if rest:
-            method_info.update(method.prune(rest, sparsity))
+            method_info.update(_solve(run, rest, sparsity))
         for name in members:  # what each expert was pruned from
             if members[name].expert is not None and tokens:
                 method_info.setdefault(name, {})["routed_tokens"] = tokens.get(name, 0)
     return method_info
+
+
+def _solve(run: Run, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
+    """The method's prune. Across ranks each rank solves the units dealt to it, forgetting the others'
+    statistics, and every pruned matrix is then broadcast from the rank that solved it."""
+    method, ranks = run.method, run.ranks
+    if ranks.world == 1:
+        return method.prune(linears, sparsity)
+    units = method.solve_units(list(linears))
+    owners = ranks.deal(units, lambda name: linears[name].weight.numel() * linears[name].in_features)
+    mine = {name: linears[name] for unit, owner in zip(units, owners) if owner == ranks.rank for name in unit}
+    method.discard([name for name in linears if name not in mine])
+    info = method.prune(mine, sparsity) if mine else {}
+    for unit, owner in zip(units, owners):
+        for name in unit:
+            ranks.share(linears[name].weight, owner)
+            if linears[name].bias is not None:  # ria's permutation reorders biases
+                ranks.share(linears[name].bias, owner)
+    return {name: item for part in ranks.gather(info) for name, item in part.items()}
 
 
 def _starved(members: dict[str, Matrix], tokens: dict[str, int], config: PruneConfig) -> dict[str, Matrix]:

@@ -23,13 +23,13 @@ suite checks each phase against the peak a run measures (report.json, `phase_pea
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable
 
 import psutil
 import torch
 
 from .config import OffloadPruneError, PruneConfig
+from .distributed import Ranks
 from .masks import chunk_workspace_bytes
 from .matrices import describe, find_matrices
 from .methods import build_method
@@ -180,19 +180,25 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
             "host": {"phase": host_phase, **host_plan[host_phase]}}
 
 
+def per_rank(config: PruneConfig, ranks: Ranks) -> PruneConfig:
+    """The options as one rank plans them: it caches only its share of the calibration windows."""
+    share = ranks.windows(config.nsamples)
+    return config.replaced(nsamples=share.stop - share.start) if ranks.world > 1 else config
+
+
 def resolve_activation_store(config: PruneConfig, plan_for: Callable[[PruneConfig], dict]) -> tuple[PruneConfig, dict]:
     """--offload-activations auto: the cache in RAM when the plan with it there fits the host, on disk
     otherwise. The host's limit is --max-host-memory, or else what the process holds now plus 90 % of
     the memory the system has available. Returns the options with the store named, and their plan."""
     if config.offload_activations != "auto":
         return config, plan_for(config)
-    in_ram = replace(config, offload_activations="ram")
+    in_ram = config.replaced(offload_activations="ram")
     plan = plan_for(in_ram)
     limit = config.max_host_memory or plan["phases"]["calibration"]["host_parts"]["process"] + int(
         0.9 * psutil.virtual_memory().available)
     if plan["host"]["peak"] <= limit:
         return in_ram, plan
-    on_disk = replace(config, offload_activations="disk")
+    on_disk = config.replaced(offload_activations="disk")
     return on_disk, plan_for(on_disk)
 
 

@@ -120,7 +120,8 @@ def format_summary(report: dict) -> str:
         if ppl:
             lines.append(f"  perplexity {which:<7} {ppl['ppl']:.4f} ({ppl['windows']} windows x {ppl['seqlen']} tokens)")
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
-    lines.append(f"  time: {phases}")
+    ranks = report.get("ranks", 1)
+    lines.append(f"  time: {phases}" + (f" ({ranks} ranks; memory below is rank 0's)" if ranks > 1 else ""))
     plan = report["memory_plan"]
     memory = f"  peak host RSS {_gib(report['peak_host_rss_bytes'])} (plan {_gib(plan['host']['peak'])})"
     if report["peak_device_bytes"] is not None:

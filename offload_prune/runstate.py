@@ -162,6 +162,24 @@ class RunState:
         self.commit(run_files={} if stage < self.num_layers else None)
 
 
+class FollowerState(RunState):
+    """Across torchrun ranks, what every rank but rank 0 holds: rank 0's manifest, read when the run
+    started, whose progress fields follow the run in memory. Rank 0 alone locks the folder, writes and
+    names files (the other ranks' activation files included)."""
+
+    def __init__(self, save: Path, manifest: dict, num_layers: int):
+        super().__init__(save.expanduser().absolute(), manifest, -1, num_layers)
+
+    def commit(self, outputs=None, stage=None, run_files=None, **changes) -> None:
+        self.manifest.update(changes)
+
+    def run_file_record(self, name: str) -> None:
+        return None
+
+    def release(self) -> None:
+        pass
+
+
 def _read_manifest(path: Path) -> dict | None:
     """The manifest is replaced atomically, so it is whole or absent; anything else is not ours."""
     try:

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -173,14 +172,15 @@ def test_mixture_of_experts_phases_within_the_plan(tmp_path):
 def test_auto_activation_store_follows_the_memory_available(tiny_llama, tmp_path, capsys, monkeypatch,
                                                             available_mib, chosen):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available_mib * 2**20))
-    common = ("--nsamples", 16, "--seqlen", 64)
+    # 2:4: the resolved options keep what validation derived (N:M was once lost there: unstructured output)
+    common = ("--nsamples", 16, "--seqlen", 64, "--sparsity_type", "2:4")
     assert main(quick_args(tiny_llama, tmp_path / "fixed", *common, "--offload-activations", chosen)) == 0
     argv = [a for a in quick_args(tiny_llama, tmp_path / "auto", *common, "--offload-activations", "auto")
             if a != "--quiet"]
     assert main(argv) == 0
     assert f"--offload-activations auto: {chosen}" in capsys.readouterr().err
     report = json.loads((tmp_path / "auto" / "report.json").read_text())
-    assert report["memory_plan"]["activation_store"] == chosen
+    assert report["memory_plan"]["activation_store"] == chosen and report["nm_valid"]
     assert folder_digests(tmp_path / "auto") == folder_digests(tmp_path / "fixed")
 
 
@@ -196,5 +196,5 @@ def test_auto_activation_store_takes_the_host_limit_when_given(tiny_llama):
     disk = plan_for(PruneConfig(model="-", nsamples=64, seqlen=64, offload_activations="disk"))["host"]["peak"]
     assert disk < ram
     for limit, chosen in ((ram, "ram"), (ram - 1, "disk"), (disk, "disk")):
-        resolved, plan = resolve_activation_store(replace(config, max_host_memory=limit), plan_for)
+        resolved, plan = resolve_activation_store(config.replaced(max_host_memory=limit), plan_for)
         assert resolved.offload_activations == chosen and plan["activation_store"] == chosen

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from ..config import PruneConfig
+from ..distributed import Ranks
 from ..masks import ScoreRows, chunk_workspace_bytes, zero_lowest
 from ..matrices import Matrix
 from ..neurons import InputMoments, MlpUnit
@@ -27,6 +28,8 @@ class PruningMethod:
     removes_blocks: bool = False
     #: Structured pruning: whether a removed neuron's mean contribution goes into the output bias (FLAP).
     compensates_bias: bool = False
+    #: Whether `reduce_statistics` is written: the method can run across torchrun ranks.
+    runs_on_ranks: bool = False
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -45,6 +48,18 @@ class PruningMethod:
 
     def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         """Statistics from one micro-batch of the inputs (and outputs) of linear `name`."""
+
+    def reduce_statistics(self, ranks: Ranks, linears: dict[str, Matrix]) -> None:
+        """Across ranks, after the calibration passes of a group: sum the statistics of these matrices
+        over the ranks (`ranks.sum_`, `ranks.sum_named`), so that every rank holds what one process would
+        have collected from all the windows. Collectives in the same order on every rank."""
+        if self.needs_calibration:
+            raise NotImplementedError(f"{type(self).__name__} does not run across ranks")
+
+    def solve_units(self, names: list[str]) -> list[list[str]]:
+        """Across ranks: the matrices whose `prune` must run together on one rank (sharing work, or
+        changing each other); the units are dealt out among the ranks. One unit by default."""
+        return [list(names)]
 
     def rule(self, name: str) -> str:
         """What pruned module `name`, for the report."""
@@ -79,6 +94,9 @@ class ScoreMaskMethod(PruningMethod):
     """Methods that zero the weights with the lowest importance score, leaving the rest untouched."""
 
     per_row = False
+
+    def solve_units(self, names: list[str]) -> list[list[str]]:
+        return [[name] for name in names]  # each matrix's mask depends on its own scores alone
 
     def scorer(self, name: str, weight: torch.Tensor) -> ScoreRows:
         """The float32 scores of any slice of rows of this linear's weight (called once per linear,

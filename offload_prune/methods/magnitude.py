@@ -9,6 +9,7 @@ from .base import ScoreMaskMethod
 
 class Magnitude(ScoreMaskMethod):
     needs_calibration = False
+    runs_on_ranks = True
     per_row = False
 
     def scorer(self, name: str, weight: torch.Tensor):

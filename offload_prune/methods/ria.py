@@ -61,6 +61,10 @@ def neuron_row_order(order: torch.Tensor, rows: int, interleaved: bool) -> torch
 class RIA(Wanda):
     options = ("ria_exponent", "ria_permute")
 
+    def solve_units(self, names: list[str]) -> list[list[str]]:
+        # The permutation reorders an MLP's input and output matrices together.
+        return [list(names)] if self.config.ria_permute else super().solve_units(names)
+
     def scorer(self, name: str, weight: torch.Tensor):
         input_norm = self.sum_squares.pop(name).sqrt().to(weight.device, torch.float32)
         columns = column_sums(weight)

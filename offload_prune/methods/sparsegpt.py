@@ -25,6 +25,7 @@ import time
 import torch
 
 from ..config import OffloadPruneError, PruneConfig
+from ..distributed import Ranks
 from ..masks import lowest_k
 from ..matrices import Matrix
 from .base import PruningMethod
@@ -121,6 +122,7 @@ def prune_with_obs(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor
 
 class SparseGPT(PruningMethod):
     options = ("blocksize", "percdamp", "true_sequential")
+    runs_on_ranks = True
 
     def __init__(self, config: PruneConfig, share_hessians: bool = True):
         super().__init__(config)
@@ -172,6 +174,13 @@ class SparseGPT(PruningMethod):
             inputs.setdefault(name if m.expert is not None else ("stage", m.stage), []).append(m)
         return list(inputs.values())
 
+    def solve_units(self, names: list[str]) -> list[list[str]]:
+        """Matrices sharing a Hessian are solved on one rank: one factorisation serves them all."""
+        units: dict[str, list[str]] = {}
+        for name in names:
+            units.setdefault(self.input_key.get(name, name), []).append(name)
+        return list(units.values())
+
     def _hessian_bytes(self, linears: dict[str, Matrix]) -> int:
         return sum(members[0].in_features ** 2 * 4 for members in self._shared_inputs(linears))
 
@@ -201,7 +210,29 @@ class SparseGPT(PruningMethod):
         copies = 2 if compute_dtype == torch.float32 else 3
         return matrix.weight.numel() * 4 * copies + matrix.out_features * self.config.blocksize * 4 * 4
 
+    def reduce_statistics(self, ranks: Ranks, linears: dict[str, Matrix]) -> None:
+        """Hessians, sequence counts and output sums over the ranks. Which matrices share a Hessian is
+        taken from any rank that fed them: a rank no token of whose windows reached an expert starts it
+        from zeros."""
+        for keys in ranks.gather({n: self.input_key[n] for n in linears if n in self.input_key}):
+            for name, key in keys.items():
+                self.input_key.setdefault(name, key)
+        for name in linears:
+            self.input_key.setdefault(name, name)  # fed on no rank: starved, pruned by magnitude
+        shared = list(dict.fromkeys(self.input_key[n] for n in linears))
+        sizes = {self.input_key[n]: (linears[n].in_features, linears[n].weight.device) for n in linears}
+        ranks.sum_named(self.hessians, shared, lambda key: torch.zeros(sizes[key][0], sizes[key][0],
+                                                                        device=sizes[key][1]))
+        self.sequences.update(ranks.sum_counts(self.sequences, shared))
+        for name, linear in linears.items():
+            squares, sums, tokens = self.outputs.get(name, (0.0, 0.0, 0))
+            packed = torch.zeros(linear.out_features + 2, dtype=torch.float64, device=linear.weight.device)
+            packed[0], packed[1:-1], packed[-1] = squares, sums, tokens
+            ranks.sum_(packed)
+            self.outputs[name] = [packed[0], packed[1:-1].float(), int(packed[-1])]
+
     def discard(self, names: list[str]) -> None:
+        self._last = None  # no later micro-batch is this group's
         for name in names:
             key = self.input_key.pop(name, None)
             self.outputs.pop(name, None)

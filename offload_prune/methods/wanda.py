@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import Ranks
+from ..matrices import Matrix
 from ..neurons import InputMoments, MlpUnit, fold_rows
 from .base import ScoreMaskMethod
 
 
 class Wanda(ScoreMaskMethod):
     per_row = True
+    runs_on_ranks = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -27,6 +30,13 @@ class Wanda(ScoreMaskMethod):
             self.sum_squares[name] += squares
         else:
             self.sum_squares[name] = squares
+
+    def reduce_statistics(self, ranks: Ranks, linears: dict[str, Matrix]) -> None:
+        def empty(name: str) -> torch.Tensor:
+            device = linears[name].weight.device
+            return torch.zeros(linears[name].in_features, device=device,
+                               dtype=torch.float64 if device.type == "cpu" else torch.float32)
+        ranks.sum_named(self.sum_squares, list(linears), empty)
 
     def discard(self, names: list[str]) -> None:
         for name in names:

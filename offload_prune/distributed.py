@@ -1,0 +1,138 @@
+"""Several processes pruning one model (`torchrun --nproc_per_node N -m offload_prune ...`).
+
+Each rank owns a contiguous slice of the calibration windows and caches only their activations, so
+activation memory is divided by the number of ranks. Every rank streams the same block. The
+statistics methods collect are sums over tokens (Hessians, squared input norms, token and outlier
+counts): all-reduced, they are what one process would have summed, up to the order of the sums.
+The per-matrix solves are dealt out among the ranks and each pruned matrix is broadcast from the
+rank that solved it, so every rank propagates its windows through the same pruned block.
+
+Rank 0 alone writes the output and the manifest. Every rank's activation files lie in the run
+folder beside it (on a filesystem all ranks share, when they are on several machines) and the
+manifest names them all, so a distributed run resumes, after a crash of any rank, like any other.
+
+One process without torchrun is `Ranks()`: every operation here is then the identity.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+#: A block's solves can take long on one rank while the others wait in a collective.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=6)
+
+T = TypeVar("T")
+
+
+class Ranks:
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+
+    @classmethod
+    def from_environment(cls, device_type: str) -> "Ranks":
+        """The ranks torchrun started (its WORLD_SIZE, RANK, LOCAL_RANK and rendezvous variables), joined
+        over NCCL on GPUs and gloo on CPUs; one process otherwise."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def device(self, device: torch.device) -> torch.device:
+        """Each rank its own GPU (LOCAL_RANK) unless the command names one."""
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one that writes the output, the manifest and the report."""
+        return self.rank == 0
+
+    def tag(self) -> str:
+        """What tells this rank's run files from the others' ('' in one process)."""
+        return "" if self.world == 1 else f".rank{self.rank}"
+
+    def windows(self, count: int) -> slice:
+        """This rank's share of `count` calibration windows: contiguous, sizes differing by at most one."""
+        base, extra = divmod(count, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the ranks, in place."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def sum_counts(self, counts: dict[str, int], names: list[str]) -> dict[str, int]:
+        """Integer counts by name, summed over the ranks; a name a rank never counted counts 0 there."""
+        if self.world == 1:
+            return dict(counts)
+        totals = self.sum_(torch.tensor([counts.get(n, 0) for n in names], dtype=torch.int64,
+                                        device=self._collective_device()))
+        return dict(zip(names, totals.tolist()))
+
+    def sum_named(self, sums: dict[str, torch.Tensor], names: list[str],
+                  empty: Callable[[str], torch.Tensor]) -> None:
+        """Each `sums[name]` summed over the ranks, in place; a name this rank never summed (an expert no
+        token of its windows was routed to) takes part from `empty(name)`, zeros of its shape."""
+        if self.world == 1:
+            return
+        for name in names:
+            if name not in sums:
+                sums[name] = empty(name)
+            self.sum_(sums[name])
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value` (picklable), by rank, on every rank."""
+        if self.world == 1:
+            return [value]
+        values: list = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_lead(self, value: T) -> T:
+        """Rank 0's `value` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def deal(self, units: list[list[str]], cost: Callable[[str], int]) -> list[int]:
+        """The rank that solves each unit (a list of matrices solved together): the costliest units
+        first, each to the rank with the least work so far. The same on every rank."""
+        owners = [0] * len(units)
+        load = [0] * self.world
+        for index in sorted(range(len(units)), key=lambda i: -sum(cost(n) for n in units[i])):
+            owner = min(range(self.world), key=lambda r: (load[r], r))
+            owners[index] = owner
+            load[owner] += sum(cost(n) for n in units[index])
+        return owners
+
+    def share(self, tensor: torch.Tensor, owner: int) -> None:
+        """Copy `owner`'s values of `tensor` (any view, on the compute device) into everyone's."""
+        if self.world == 1:
+            return
+        buffer = tensor.detach().contiguous()
+        dist.broadcast(buffer, src=owner)
+        if self.rank != owner and buffer.data_ptr() != tensor.data_ptr():
+            tensor.detach().copy_(buffer)
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _collective_device(self) -> torch.device:
+        # NCCL moves only GPU tensors; gloo only CPU ones.
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -1,0 +1,126 @@
+"""Two torchrun ranks over gloo on the CPU give what one process gives, and resume like one.
+
+Each rank holds half the calibration windows; the sums of their statistics differ from one process's
+only in summation order, so masks may differ on near-ties: the issue's bar is >= 99.9 % of the mask
+the same and kept weights within 1e-3 relative (to each matrix's norm).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from offload_prune.cli import main
+
+from conftest import folder_digests, quick_args, read_all_tensors
+from families import build_family
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def torchrun(*args, ranks=2, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           "-m", "offload_prune", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_factory):
+    return checkpoint_factory(num_layers=3, hidden=64, intermediate=128, max_shard_size="40KB")
+
+
+def assert_same_pruned_model(one, two):
+    single, split = read_all_tensors(one), read_all_tensors(two)
+    assert single.keys() == split.keys()
+    compared = agree = 0
+    for name, weight in single.items():
+        other = split[name]
+        mask_one, mask_two = weight == 0, other == 0
+        compared += weight.numel()
+        agree += int((mask_one == mask_two).sum())
+        kept = ~mask_one & ~mask_two
+        # Relative to the matrix: single near-zero weights differ more, in relative terms, after SparseGPT's
+        # float32 updates from a Hessian summed in another order (masks agree exactly here).
+        assert (other[kept] - weight[kept]).norm() <= 1e-3 * weight[kept].norm(), name
+    assert agree / compared >= 0.999, f"masks agree on {agree / compared:.5f} of the weights"
+
+
+@pytest.mark.parametrize("method,extra", [("wanda", ()), ("sparsegpt", ()), ("admm", ("--sparsity_type", "2:4")),
+                                          ("ria", ("--sparsity_type", "2:4", "--ria-permute")),
+                                          ("wanda", ("--layer-sparsity", "owl"))])
+def test_two_ranks_prune_what_one_process_prunes(model, tmp_path, method, extra):
+    common = ("--prune_method", method, *extra)
+    assert main(quick_args(model, tmp_path / "one", *common)) == 0
+    done = torchrun(*quick_args(model, tmp_path / "two", *common))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_pruned_model(tmp_path / "one", tmp_path / "two")
+    one, two = (json.loads((tmp_path / f / "report.json").read_text()) for f in ("one", "two"))
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert one["totals"] == two["totals"]
+    assert two["layer_sparsity"]["ratios"] == pytest.approx(one["layer_sparsity"]["ratios"], abs=1e-9)
+    # Activations are split: rank 0 held its half of the windows (4 windows x 32 tokens x 64 floats each).
+    assert two["memory_plan"]["activation_cache_bytes"] * 2 == one["memory_plan"]["activation_cache_bytes"]
+
+
+def test_mixture_of_experts_statistics_meet_across_ranks(tmp_path):
+    """Each rank routes its own tokens: an expert's Hessian is the sum over both ranks' routings."""
+    folder = build_family(tmp_path / "moe", "qwen3_moe")
+    common = ("--prune_method", "sparsegpt", "--expert-min-tokens", 1)
+    assert main(quick_args(folder, tmp_path / "one", *common)) == 0
+    done = torchrun(*quick_args(folder, tmp_path / "two", *common))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_pruned_model(tmp_path / "one", tmp_path / "two")
+    one, two = (json.loads((tmp_path / f / "report.json").read_text()) for f in ("one", "two"))
+    routed = {n: m["routed_tokens"] for n, m in one["modules"].items() if "routed_tokens" in m}
+    assert routed and routed == {n: m["routed_tokens"] for n, m in two["modules"].items() if "routed_tokens" in m}
+
+
+RESUMED = ("--prune_method", "sparsegpt", "--offload-activations", "disk")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model, tmp_path_factory):
+    save = tmp_path_factory.mktemp("distributed") / "whole"
+    done = torchrun(*quick_args(model, save, *RESUMED))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return save
+
+
+@pytest.mark.parametrize("kill_at", ["rename:acts_00002.rank1.bin", "rename:model-00006-of-00012.safetensors"])
+def test_a_killed_rank_resumes_to_the_uninterrupted_output(model, uninterrupted, tmp_path, kill_at):
+    """Rank 1 killed as its activation file for block 2 lands, or rank 0 amid a block's shards; then rerun."""
+    args = quick_args(model, tmp_path / "out", *RESUMED)
+    killed = torchrun(*args, env_extra={"OFFLOAD_PRUNE_KILL_AT_STEP": kill_at})
+    assert killed.returncode != 0
+    manifest = json.loads((tmp_path / "out" / ".offload-prune-run" / "manifest.json").read_text())
+    assert manifest["completed_blocks"] < 3 and not manifest["finished"]
+    resumed = torchrun(*args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["resumed"]
+    assert folder_digests(tmp_path / "out") == folder_digests(uninterrupted)
+
+
+def test_a_method_that_cannot_split_is_refused_before_any_work(model, tmp_path):
+    done = torchrun(*quick_args(model, tmp_path / "out", "--prune_method", "neuronrank_tfidf"))
+    assert done.returncode != 0
+    assert "does not run across torchrun ranks yet" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_windows_are_split_once_each_and_rank_0_plans_the_largest_share(model, capsys):
+    from offload_prune.config import PruneConfig
+    from offload_prune.distributed import Ranks
+    from offload_prune.plan import per_rank
+    for count, world in ((5, 2), (128, 3), (7, 7)):
+        shares = [Ranks(rank, world).windows(count) for rank in range(world)]
+        assert [i for s in shares for i in range(count)[s]] == list(range(count))
+        assert per_rank(PruneConfig(model="-", nsamples=count).validate(), Ranks(0, world)).nsamples == \
+            max(s.stop - s.start for s in shares)
+    base = ["plan", "--model", model, "--calib-data", model / "demo.txt", "--nsamples", 5, "--seqlen", 32]
+    assert main([str(a) for a in base + ["--sparsity_type", "2:4", "--ranks", 2]]) == 0
+    assert "(per rank, for rank 0 of 2)" in capsys.readouterr().out
