@@ -158,6 +158,7 @@ def plot(results: dict, path: Path, title: str) -> None:
                                               for r in results["runs"] if (r["method"], r["layer_sparsity"]) ==
                                               (method, layers) and r["setting"] != "2:4"]
         ax.plot(*zip(*sorted(points)), marker="o", linestyle="--" if layers == "owl" else "-",
+                color=f"C{METHODS.index(method) % 10}",  # one colour per method; OWL dashed beside it
                 label=method + (" + owl" if layers == "owl" else ""))
     ax.set_yscale("log")
     ax.set_xlabel("unstructured sparsity")
