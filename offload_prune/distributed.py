@@ -112,12 +112,13 @@ class Ranks:
     def deal(self, units: list[list[str]], cost: Callable[[str], int]) -> list[int]:
         """The rank that solves each unit (a list of matrices solved together): the costliest units
         first, each to the rank with the least work so far. The same on every rank."""
+        costs = [sum(cost(name) for name in unit) for unit in units]
         owners = [0] * len(units)
         load = [0] * self.world
-        for index in sorted(range(len(units)), key=lambda i: -sum(cost(n) for n in units[i])):
+        for index in sorted(range(len(units)), key=lambda i: -costs[i]):
             owner = min(range(self.world), key=lambda r: (load[r], r))
             owners[index] = owner
-            load[owner] += sum(cost(n) for n in units[index])
+            load[owner] += costs[index]
         return owners
 
     def share(self, tensor: torch.Tensor, owner: int) -> None:

@@ -521,7 +521,7 @@ def _measure_outliers(run: Run) -> None:
 
 def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor) -> torch.Tensor:
     """Load, collect, prune, propagate, write and commit block `index`; returns the next block's inputs."""
-    config, method, device, state = run.config, run.method, run.device, run.state
+    config, device = run.config, run.device
     block = run.streamed.load_block(index)
     matrices = find_matrices(block)
     describe(block, matrices, probe=lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
@@ -534,28 +534,36 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     run.writer.wait()
     if not last:  # the last block's outputs feed nothing
         run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device)
+    next_inputs = dict if last else _advance_inputs(run, index + 1)
+    if run.ranks.lead:  # the other ranks write nothing and report nothing
+        _commit_behind(run, index, block, matrices, chosen, method_info, next_inputs)
+    run.streamed.unload_block(index)
+    gc.collect()  # a block's tensors can sit in reference cycles: free them before the next block loads
+    return run.store.tensor
+
+
+def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, Matrix], chosen: dict[str, Matrix],
+                   method_info: dict[str, dict], next_inputs: Callable[[], dict[str, durable.FileRecord]]) -> None:
+    """The pruned block's report entries now; its shards, the next block's inputs and the manifest on the
+    writer thread, while the next block loads and collects statistics."""
+    config, state = run.config, run.state
     prefix = run.streamed.block_prefix(index)
     # Counted in the dtype they are written in; every other weight matrix of the block counts in the totals too.
     stats = {name: {**module_stats(run.streamed.as_stored(prefix, m), config.nm if name in chosen else None),
                     "kind": m.kind} for name, m in matrices.items()}
-    modules = {prefix + n: {**stats[n], "rule": method.rule(n), **method_info.get(n, {})} for n in chosen}
+    modules = {prefix + n: {**stats[n], "rule": run.method.rule(n), **method_info.get(n, {})} for n in chosen}
     unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
     unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
                      for n, w in other_weights(block, matrices).items()})
     tensors = run.streamed.block_tensors(index)
-    next_inputs = dict if last else _advance_inputs(run, index + 1)
 
-    def commit_block() -> None:  # on the writer thread, while the next block loads and collects statistics
+    def commit_block() -> None:
         outputs = run.layout.write_unit(1 + index, state.save, tensors)
         run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS), **next_inputs()}
         state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
                      modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned})
 
-    if run.ranks.lead:
-        run.writer.submit(commit_block)
-    run.streamed.unload_block(index)
-    gc.collect()  # a block's tensors can sit in reference cycles: free them before the next block loads
-    return run.store.tensor
+    run.writer.submit(commit_block)
 
 
 def _prune_matrices(run: Run, block: nn.Module, chosen: dict[str, Matrix], layer_kwargs: dict,
