@@ -66,9 +66,19 @@ class _Steps:
             self.kill_at is not None and kind == self.kill_at[0] and str(path).endswith(self.kill_at[1]))
         if due and not self.fired:
             self.fired = True  # a stopped (SIGSTOP) or interrupted process may go on: fire once
-            if torn is not None and self.signal == signal.SIGKILL:  # a crash mid-write: part of the data
-                os.truncate(torn, torn.stat().st_size // 2)
+            if torn is not None and self.signal == signal.SIGKILL:
+                _tear(torn)
             os.kill(os.getpid(), self.signal)
+
+
+def _tear(path: Path) -> None:
+    """A crash mid-write: the second half of the data never reached the disk. Zeroed in place rather
+    than truncated: another thread may be reading the file through a memory map (the disk activation
+    store), and a read past a truncated end is a SIGBUS before the kill lands."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
 
 
 _steps: _Steps | None = None
