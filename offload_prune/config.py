@@ -17,6 +17,7 @@ STRUCTURED_METHODS = ("magnitude", "wanda", "flap", "neuronrank_old", "neuronran
 HEAD_METHODS = ("magnitude", "wanda", "flap")
 ACTIVATION_STORES = ("ram", "disk", "auto")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+HESSIAN_DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -47,6 +48,10 @@ class PruneConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     true_sequential: bool = False
+    # SparseGPT and ADMM sum x x^T in this dtype. float64: products of float32 inputs are exact in it and
+    # its rounding is far below float32's, so the rounded Hessian (the solve stays float32) no longer
+    # depends on how tokens were grouped into micro-batches or split across ranks; twice the memory.
+    hessian_dtype: str = "float32"
     # ADMM (Boza 2024): iterations of the weight update, the mask chosen gradually in the first 3/4;
     # rho is the ADMM penalty on the input-normalised problem (the paper's defaults).
     admm_iterations: int = 20
@@ -147,6 +152,8 @@ class PruneConfig:
             raise OffloadPruneError("--ria-permute is channel permutation for N:M sparsity with --prune_method ria")
         self._validate_layer_sparsity()
         self._validate_block_removal()
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise OffloadPruneError(f"--hessian-dtype must be one of {HESSIAN_DTYPES}, got {self.hessian_dtype}")
         if self.percdamp < 0:
             raise OffloadPruneError(f"--percdamp must be >= 0, got {self.percdamp}")
         for name in ("nsamples", "seqlen", "micro_batch_size", "blocksize"):

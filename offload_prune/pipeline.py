@@ -8,7 +8,6 @@ and tokenizer files -> report (and perplexity, streamed the same way).
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -34,7 +33,7 @@ from .diskspace import check_disk_space, disk_full_message
 from .distributed import Ranks
 from .durable import DiskFullError
 from .evaluate import evaluation_windows, perplexity
-from .hostmem import keep_large_allocations_mmapped
+from .hostmem import collector_sees_only_new_objects, keep_large_allocations_mmapped, release_free_memory
 from .layer_sparsity import OutlierCounter, owl_ratios, ratios_from_file
 from .methods import PruningMethod, build_method
 from .overlap import Behind
@@ -247,10 +246,11 @@ def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
                if run.given_sparsities is None and state.manifest["layer_sparsity"] is None else "")
         print(f"resuming {state.save}: {state.completed_blocks} of {run.streamed.num_layers} blocks already done{owl}",
               file=sys.stderr)
-    if run.method.removes_blocks:
-        _remove_blocks(run, windows)
-    else:
-        _prune_blocks(run, windows)
+    with collector_sees_only_new_objects():  # the collection after each block then costs little
+        if run.method.removes_blocks:
+            _remove_blocks(run, windows)
+        else:
+            _prune_blocks(run, windows)
     if not state.manifest["finalized"] and run.ranks.lead:
         with meter("write"):
             _write_outside(run)
@@ -483,7 +483,7 @@ def _dense_pass(run: Run, key: str, desc: str, start_measuring) -> list[dict]:
             run_files.update(_advance_inputs(run, index + 1)())
         state.commit(run_files=run_files, **{key: measured})
         streamed.unload_block(index)
-        gc.collect()
+        release_free_memory()
         inputs = run.store.tensor
     return measured
 
@@ -538,7 +538,9 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     if run.ranks.lead:  # the other ranks write nothing and report nothing
         _commit_behind(run, index, block, matrices, chosen, method_info, next_inputs)
     run.streamed.unload_block(index)
-    gc.collect()  # a block's tensors can sit in reference cycles: free them before the next block loads
+    # A block's tensors can sit in reference cycles: freed before the next block loads, and the heap's free
+    # pages handed back, so they do not add up block after block.
+    release_free_memory()
     return run.store.tensor
 
 

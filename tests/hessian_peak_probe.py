@@ -1,5 +1,5 @@
 """Run by test_plan.py in a fresh process: SparseGPT, ADMM or structured FLAP (whole neurons, the down
-projection refitted) on one Llama block, printing the statistics bytes held after the statistics pass
+projection refitted) on one Llama block (Hessians summed in the given dtype), printing the statistics bytes held after the statistics pass
 (Hessians, or the moments of down_proj's input) and the peak resident memory of the prune steps (VmHWM
 reset through /proc/self/clear_refs; large tensors are mmapped, so freed ones leave RSS), next to the plan."""
 import json
@@ -22,7 +22,7 @@ def status():
     return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
-def main(method_name: str, true_sequential: bool) -> None:
+def main(method_name: str, true_sequential: bool, hessian_dtype: str) -> None:
     keep_large_allocations_mmapped()
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=2048, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=4)
@@ -32,7 +32,7 @@ def main(method_name: str, true_sequential: bool) -> None:
     # Two ADMM iterations: the memory does not depend on how many.
     structured = method_name.endswith("-structured")
     options = PruneConfig(model="-", prune_method=method_name.removesuffix("-structured"), seqlen=64,
-                          true_sequential=true_sequential, admm_iterations=2,
+                          true_sequential=true_sequential, hessian_dtype=hessian_dtype, admm_iterations=2,
                           **(dict(sparsity_type="structured", sparsity_ratio=0.25) if structured else {})).validate()
     x = torch.randn(4, 64, 2048)
     positions = torch.arange(64)[None]
@@ -74,4 +74,4 @@ def main(method_name: str, true_sequential: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "True")
+    main(sys.argv[1], sys.argv[2] == "True", sys.argv[3])

@@ -2,7 +2,8 @@
 
 Each rank holds half the calibration windows; the sums of their statistics differ from one process's
 only in summation order, so masks may differ on near-ties: the issue's bar is >= 99.9 % of the mask
-the same and kept weights within 1e-3 relative (to each matrix's norm).
+the same and kept weights within 1e-3 relative (to each matrix's norm). Statistics summed in float64
+(Wanda's norms, SparseGPT's Hessians with --hessian-dtype float64) give the same weights bit for bit.
 """
 import json
 import os
@@ -33,9 +34,11 @@ def model(checkpoint_factory):
     return checkpoint_factory(num_layers=3, hidden=64, intermediate=128, max_shard_size="40KB")
 
 
-def assert_same_pruned_model(one, two):
+def assert_same_pruned_model(one, two, exact=False):
     single, split = read_all_tensors(one), read_all_tensors(two)
     assert single.keys() == split.keys()
+    if exact:
+        assert [name for name in single if not torch.equal(single[name], split[name])] == []
     compared = agree = 0
     for name, weight in single.items():
         other = split[name]
@@ -49,15 +52,23 @@ def assert_same_pruned_model(one, two):
     assert agree / compared >= 0.999, f"masks agree on {agree / compared:.5f} of the weights"
 
 
-@pytest.mark.parametrize("method,extra", [("wanda", ()), ("sparsegpt", ()), ("admm", ("--sparsity_type", "2:4")),
+@pytest.mark.parametrize("method,extra", [("wanda", ()), ("sparsegpt", ()), ("sparsegpt", ("--hessian-dtype", "float64")),
+                                          ("admm", ("--sparsity_type", "2:4")),
                                           ("ria", ("--sparsity_type", "2:4", "--ria-permute")),
                                           ("wanda", ("--layer-sparsity", "owl"))])
 def test_two_ranks_prune_what_one_process_prunes(model, tmp_path, method, extra):
     common = ("--prune_method", method, *extra)
-    assert main(quick_args(model, tmp_path / "one", *common)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the forward's float32 matmuls may round otherwise on more threads
+    try:
+        assert main(quick_args(model, tmp_path / "one", *common)) == 0
+    finally:
+        torch.set_num_threads(threads)
     done = torchrun(*quick_args(model, tmp_path / "two", *common))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_pruned_model(tmp_path / "one", tmp_path / "two")
+    # Sums whose float64 rounding is below float32's give the same rounded statistics, hence the same
+    # weights bit for bit, whatever the split (Wanda's norms are float64 on the CPU).
+    assert_same_pruned_model(tmp_path / "one", tmp_path / "two", exact=method == "wanda" or "float64" in extra)
     one, two = (json.loads((tmp_path / f / "report.json").read_text()) for f in ("one", "two"))
     assert (one["ranks"], two["ranks"]) == (1, 2)
     assert one["totals"] == two["totals"]

@@ -117,6 +117,27 @@ def test_shared_hessian_equals_per_linear():
         assert torch.equal(results[0][name], results[1][name]), name
 
 
+def test_float64_hessians_do_not_depend_on_how_the_tokens_were_grouped():
+    """Rounded to float32 for the solve, a float64 sum is the same for one micro-batch of 8 windows,
+    8 micro-batches of one, and two halves summed as two ranks' would be."""
+    torch.manual_seed(0)
+    windows = torch.randn(8, 24, 32) * torch.rand(32) * 3
+    outputs = torch.zeros(1, 24, 4)
+
+    def hessian(*micro_batches):
+        method = make_method(hessian_dtype="float64")
+        for batch in micro_batches:
+            method.add_batch("fc", batch, outputs)
+        return method.hessians["fc"]
+
+    whole = hessian(windows)
+    assert whole.dtype == torch.float64
+    for grouped in (hessian(*windows.split(1)), hessian(windows[:4]) + hessian(windows[4:])):
+        assert torch.equal(grouped.float(), whole.float())
+    x = windows.reshape(-1, 32).double()
+    assert torch.equal(whole.float(), (x.T @ x).float())
+
+
 def test_rank_deficient_input_is_retried_with_more_damping():
     layer = nn.Linear(64, 16, bias=False)
     low_rank = torch.randn(1, 8, 4) @ torch.randn(4, 64)  # rank 4 < 64 columns

@@ -106,7 +106,7 @@ class ADMM(SparseGPT):
     """Hessians collected as SparseGPT does (shared by matrices reading one input, experts split into
     passes); the pruning step is the ADMM update above."""
 
-    options = ("true_sequential", "admm_iterations", "admm_rho")
+    options = ("true_sequential", "hessian_dtype", "admm_iterations", "admm_rho")
 
     # G, the factor of G + rho I and the inverse while factorising; G and the inverse while pruning.
     squares_factorising, squares_pruning = 3, 2
@@ -118,7 +118,7 @@ class ADMM(SparseGPT):
     def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix], sequences: int,
                        sparsity: float) -> dict[str, dict]:
         config = self.config
-        norms, gram, inverse = normalised_system(self.hessians.pop(key), config.admm_rho)
+        norms, gram, inverse = normalised_system(self.take_hessian(key), config.admm_rho)
         results = {}
         for name, linear in linears.items():
             start = time.perf_counter()

@@ -121,13 +121,14 @@ def prune_with_obs(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor
 
 
 class SparseGPT(PruningMethod):
-    options = ("blocksize", "percdamp", "true_sequential")
+    options = ("blocksize", "percdamp", "true_sequential", "hessian_dtype")
     runs_on_ranks = True
 
     def __init__(self, config: PruneConfig, share_hessians: bool = True):
         super().__init__(config)
         self.share_hessians = share_hessians
-        self.hessians: dict[str, torch.Tensor] = {}     # input key -> sum of x x^T (float32)
+        self.hessian_dtype = getattr(torch, config.hessian_dtype)
+        self.hessians: dict[str, torch.Tensor] = {}     # input key -> sum of x x^T (hessian_dtype)
         self.sequences: dict[str, int] = {}             # input key -> calibration sequences seen
         self.outputs: dict[str, list] = {}              # linear -> [sum ||y||^2, sum y, tokens]
         self.input_key: dict[str, str] = {}             # linear -> input key
@@ -148,7 +149,7 @@ class SparseGPT(PruningMethod):
         for m in linears.values():
             if m.expert is not None:
                 key = (m.unit, m.expert)
-                per_expert[key] = per_expert.get(key, 0) + m.in_features ** 2 * 4
+                per_expert[key] = per_expert.get(key, 0) + self._square_bytes(m)
         budget = max([self._hessian_bytes({n: linears[n] for n in dense}), *per_expert.values()])
         passes = []
         for group in together:
@@ -157,7 +158,7 @@ class SparseGPT(PruningMethod):
             chunk, size = [], 0
             for key in dict.fromkeys((linears[n].unit, linears[n].expert) for n in group if n not in plain):
                 names = [n for n in group if (linears[n].unit, linears[n].expert) == key]
-                cost = sum(linears[n].in_features ** 2 * 4 for n in names)
+                cost = sum(self._square_bytes(linears[n]) for n in names)
                 if chunk and size + cost > budget:
                     passes.append(chunk)
                     chunk, size = [], 0
@@ -181,27 +182,33 @@ class SparseGPT(PruningMethod):
             units.setdefault(self.input_key.get(name, name), []).append(name)
         return list(units.values())
 
-    def _hessian_bytes(self, linears: dict[str, Matrix]) -> int:
-        return sum(members[0].in_features ** 2 * 4 for members in self._shared_inputs(linears))
+    def _square_bytes(self, matrix: Matrix) -> int:
+        """One Hessian of this matrix's input, as accumulated."""
+        return matrix.in_features ** 2 * self.hessian_dtype.itemsize
 
-    #: [cols, cols] matrices alive while one input's Hessian is factorised (H and its factor, then the
-    #: factor and the inverse), and while that input's matrices are pruned (the factor).
+    def _hessian_bytes(self, linears: dict[str, Matrix]) -> int:
+        return sum(self._square_bytes(members[0]) for members in self._shared_inputs(linears))
+
+    #: float32 [cols, cols] matrices alive while one input's Hessian is factorised (H and its factor, then
+    #: the factor and the inverse), and while that input's matrices are pruned (the factor).
     squares_factorising, squares_pruning = 2, 1
 
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
-        """Hessians are float32 [cols, cols], one per shared input (q/k/v and gate/up share theirs),
-        alive together through a pass; the ones not yet used stay alive while one is factorised and
-        its matrices pruned."""
+        """Hessians are [cols, cols] in hessian_dtype, one per shared input (q/k/v and gate/up share
+        theirs), alive together through a pass; the ones not yet used stay alive while one is factorised
+        and its matrices pruned. A float64 Hessian is rounded to float32 first: both exist for a moment."""
         statistics, prune_peak = 0, 0
         for group in self.groups(linears):
             shared = self._shared_inputs({n: linears[n] for n in group})
-            sizes = [members[0].in_features ** 2 * 4 for members in shared]
+            sizes = [self._square_bytes(members[0]) for members in shared]
             statistics = max(statistics, sum(sizes))
             for k, members in enumerate(shared):
                 later = sum(sizes[k + 1:])
+                square = members[0].in_features ** 2 * 4
+                rounding = sizes[k] + square if self.hessian_dtype != torch.float32 else 0
                 per_matrix = max(self._pruning_bytes(m, compute_dtype) for m in members)
-                prune_peak = max(prune_peak, later + self.squares_factorising * sizes[k],
-                                 later + self.squares_pruning * sizes[k] + per_matrix)
+                prune_peak = max(prune_peak, later + rounding, later + self.squares_factorising * square,
+                                 later + self.squares_pruning * square + per_matrix)
         return {"statistics": statistics, "prune": prune_peak}
 
     def _pruning_bytes(self, matrix: Matrix, compute_dtype: torch.dtype) -> int:
@@ -221,8 +228,8 @@ class SparseGPT(PruningMethod):
             self.input_key.setdefault(name, name)  # fed on no rank: starved, pruned by magnitude
         shared = list(dict.fromkeys(self.input_key[n] for n in linears))
         sizes = {self.input_key[n]: (linears[n].in_features, linears[n].weight.device) for n in linears}
-        ranks.sum_named(self.hessians, shared, lambda key: torch.zeros(sizes[key][0], sizes[key][0],
-                                                                        device=sizes[key][1]))
+        ranks.sum_named(self.hessians, shared, lambda key: torch.zeros(
+            sizes[key][0], sizes[key][0], dtype=self.hessian_dtype, device=sizes[key][1]))
         self.sequences.update(ranks.sum_counts(self.sequences, shared))
         for name, linear in linears.items():
             squares, sums, tokens = self.outputs.get(name, (0.0, 0.0, 0))
@@ -246,9 +253,9 @@ class SparseGPT(PruningMethod):
         else:
             key = name
             self._last = (inputs, name)
-            x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+            x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.hessian_dtype)
             if key not in self.hessians:
-                self.hessians[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                self.hessians[key] = torch.zeros(x.shape[1], x.shape[1], dtype=self.hessian_dtype, device=x.device)
                 self.sequences[key] = 0
             with no_tf32():
                 self.hessians[key].addmm_(x.T, x)
@@ -289,11 +296,16 @@ class SparseGPT(PruningMethod):
                        sparsity: float) -> dict[str, dict]:
         """Prune the matrices that read input `key`, given its normalised Hessian (popped here, so the
         factorisation holds the only reference and can free it early)."""
-        upper, damping, retries = inverse_cholesky(self.hessians.pop(key), self.config.percdamp)
+        upper, damping, retries = inverse_cholesky(self.take_hessian(key), self.config.percdamp)
         if retries:
             log.warning("%s: Hessian needed damping %.3g (%d retries)", ", ".join(linears), damping, retries)
         return {name: self._prune_linear(name, linear, upper, dead, damping, retries, sequences, sparsity)
                 for name, linear in linears.items()}
+
+    def take_hessian(self, key: str) -> torch.Tensor:
+        """The normalised Hessian of `key` in float32, which the solves use; the caller holds the only
+        reference (a float64 sum is freed as soon as it is rounded)."""
+        return self.hessians.pop(key).float()
 
     def _normalise_hessian(self, key: str, sequences: int) -> torch.Tensor:
         """H = (2/n) sum x x^T in place; inputs that were always zero get diag 1 (their weights are
