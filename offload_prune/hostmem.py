@@ -4,10 +4,10 @@ glibc raises its mmap threshold each time a large mmapped chunk is freed, after 
 that size come from the heap, where fragmentation keeps them: RSS then creeps up block after
 block although nothing is alive. Fixing the threshold keeps large tensors mmapped, returned to
 the OS on free, so host memory stays set by one block whatever the number of layers.
-The threshold is glibc's own ceiling, 32 MiB: smaller allocations (a micro-batch's activations, a
-narrow matrix) are then reused from the heap; at 1 MiB each of them was a fresh mmap whose pages
-fault in again, which made a streamed Wanda run on a 2 GB checkpoint 1.3-1.45x slower for the same
-peak RSS (bench/memory.py, 2026-11-24).
+It costs time: every tensor of 1-32 MiB is a fresh mapping whose pages fault in again (~20 s of a
+64 s streamed Wanda run on a 2 GB checkpoint). A 32 MiB threshold with malloc_trim after each block
+removes that cost with flat RSS, but peaks inside a phase then depend on heap reuse and went up to
+35 % over the memory plan under load (CI): not taken until the plan can count it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import gc
 from typing import Iterator
 
 _M_MMAP_THRESHOLD = -3
-_THRESHOLD_BYTES = 32 << 20
+_THRESHOLD_BYTES = 1 << 20
 
 
 def _libc():
