@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DTYPES, METHODS, OffloadPruneError, PruneConfig, parse_bytes
+from .config import DTYPES, HESSIAN_DTYPES, METHODS, OffloadPruneError, PruneConfig, parse_bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,7 +110,7 @@ def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:
 def _sparsegpt_and_budget_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
     _flag(parser, "percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H)")
-    _flag(parser, "hessian-dtype", default="float32", choices=("float32", "float64"),
+    _flag(parser, "hessian-dtype", default="float32", choices=HESSIAN_DTYPES,
           help="SparseGPT/ADMM: sum Hessians in float64 so the result does not depend on micro-batches or "
                "ranks (twice their memory; slow on GPUs with little float64 throughput)")
     _flag(parser, "true-sequential", action="store_true",

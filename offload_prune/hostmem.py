@@ -50,7 +50,6 @@ def release_free_memory() -> None:
         pass
 
 
-
 @contextlib.contextmanager
 def collector_sees_only_new_objects() -> Iterator[None]:
     """Everything alive now (modules, tokenizer, what transformers and torch keep) is moved out of the
