@@ -5,9 +5,11 @@ that size come from the heap, where fragmentation keeps them: RSS then creeps up
 block although nothing is alive. Fixing the threshold keeps large tensors mmapped, returned to
 the OS on free, so host memory stays set by one block whatever the number of layers.
 It costs time: every tensor of 1-32 MiB is a fresh mapping whose pages fault in again (~20 s of a
-64 s streamed Wanda run on a 2 GB checkpoint). A 32 MiB threshold with malloc_trim after each block
-removes that cost with flat RSS, but peaks inside a phase then depend on heap reuse and went up to
-35 % over the memory plan under load (CI): not taken until the plan can count it.
+64 s streamed Wanda run on a 2 GB checkpoint; most of it was the mask selection, which now works in
+chunks whose temporaries stay below the threshold: masks.HOST_CHUNK_ELEMENTS). A 32 MiB threshold
+with malloc_trim after each block removes the rest with flat RSS, but peaks inside a phase then
+depend on heap reuse and went up to 35 % over the memory plan under load (CI): not taken until the
+plan can count it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import gc
 from typing import Iterator
 
 _M_MMAP_THRESHOLD = -3
-_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def _libc():
@@ -33,7 +35,7 @@ def keep_large_allocations_mmapped() -> bool:
     """True when glibc accepted the setting; a no-op elsewhere (macOS, musl)."""
     libc = _libc()
     try:
-        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_BYTES))
+        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     except AttributeError:
         return False
 

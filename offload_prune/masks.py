@@ -3,8 +3,9 @@
 Ties are broken by position (earlier index pruned first), so the result does not depend on
 how a sort or selection routine happens to order equal scores: quantized checkpoints have many.
 
-Scores are computed and applied a chunk of rows at a time (about CHUNK_ELEMENTS scores), so no
-temporary is the size of the matrix: that matters for a 128k-vocabulary head or a 28672-wide MLP.
+Scores are computed and applied a chunk of rows at a time, so no temporary is the size of the matrix:
+that matters for a 128k-vocabulary head or a 28672-wide MLP. On the CPU the chunks are smaller still,
+so that every temporary of a chunk comes from the heap (see HOST_CHUNK_ELEMENTS).
 One threshold over a whole matrix is found exactly without sorting it: for non-negative float32
 scores the bit pattern, read as an int32, orders like the value, so two 16-bit histogram passes
 locate the k-th smallest key (a radix select), and a third pass zeroes what lies below it.
@@ -16,9 +17,16 @@ from typing import Callable
 import torch
 
 from .config import OffloadPruneError
+from .hostmem import MMAP_THRESHOLD_BYTES
 
-#: Scores per chunk. Workspace per chunk is about WORKSPACE_BYTES_PER_SCORE times this.
+#: Scores per chunk on an accelerator. Workspace per chunk is about WORKSPACE_BYTES_PER_SCORE times this.
 CHUNK_ELEMENTS = 1 << 22
+#: Scores per chunk on the CPU: the largest temporary of a chunk (kthvalue's int64 positions, 8 bytes a
+#: score) stays below the mmap threshold, so the chunk's temporaries come from the heap and are reused
+#: chunk after chunk. At 4M scores each was a fresh mapping whose pages faulted in again: the mask
+#: selection of a Llama block took 1.8x as long on a 2-core CPU (bench/mask_chunks.py), a streamed Wanda
+#: run ~25 % longer.
+HOST_CHUNK_ELEMENTS = MMAP_THRESHOLD_BYTES // 16
 #: float32 scores, one float32 temporary, int64 bincount / cumsum input, bool masks.
 WORKSPACE_BYTES_PER_SCORE = 4 + 4 + 8 + 2
 
@@ -45,27 +53,33 @@ def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def row_chunks(rows: int, cols: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+def chunk_elements(device_type: str) -> int:
+    return min(CHUNK_ELEMENTS, HOST_CHUNK_ELEMENTS) if device_type == "cpu" else CHUNK_ELEMENTS
+
+
+def row_chunks(rows: int, cols: int, elements: int) -> list[slice]:
+    """Slices of rows holding about `elements` entries (at least one row each)."""
+    step = max(1, elements // max(cols, 1))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-def chunk_workspace_bytes(numel: int) -> int:
-    """Bytes the mask step allocates beyond the weight itself, for a matrix of `numel` weights."""
-    return min(numel, CHUNK_ELEMENTS) * WORKSPACE_BYTES_PER_SCORE
+def chunk_workspace_bytes(numel: int, device_type: str) -> int:
+    """Bytes the mask step allocates beyond the weight itself, for a matrix of `numel` weights whose
+    scores are made on `device_type`."""
+    return min(numel, chunk_elements(device_type)) * WORKSPACE_BYTES_PER_SCORE
 
 
 @torch.no_grad()
 def zero_lowest(weight: torch.Tensor, score_rows: ScoreRows, sparsity: float, nm: tuple[int, int] | None,
-                per_row: bool) -> None:
+                per_row: bool, scores_on: torch.device | None = None) -> None:
     """Zero, in place, the lowest-scored weights of a [out, in] matrix; `score_rows(rows)` gives the
-    float32 scores of a slice of rows (computed on demand, possibly on another device).
+    float32 scores of a slice of rows (computed on demand, on `scores_on` when not the weight's device).
 
     N:M zeroes the N lowest of every M consecutive inputs of each row. Unstructured zeroes
     int(sparsity * width) per row when `per_row` (Wanda's comparison group), else
     int(sparsity * numel) over the whole matrix (one threshold, as magnitude pruning)."""
     rows, cols = weight.shape
-    chunks = row_chunks(rows, cols)
+    chunks = row_chunks(rows, cols, chunk_elements((scores_on or weight.device).type))
     if nm is not None and cols % nm[1]:
         raise OffloadPruneError(f"{nm[0]}:{nm[1]} sparsity needs the input width ({cols}) to be a multiple of {nm[1]}")
     if nm is not None or per_row:

@@ -551,7 +551,8 @@ def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, M
     config, state = run.config, run.state
     prefix = run.streamed.block_prefix(index)
     # Counted in the dtype they are written in; every other weight matrix of the block counts in the totals too.
-    stats = {name: {**module_stats(run.streamed.as_stored(prefix, m), config.nm if name in chosen else None),
+    stats = {name: {**module_stats(m.weight, config.nm if name in chosen else None,
+                                   run.streamed.stored_dtype(prefix, m)),
                     "kind": m.kind} for name, m in matrices.items()}
     modules = {prefix + n: {**stats[n], "rule": run.method.rule(n), **method_info.get(n, {})} for n in chosen}
     unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
@@ -676,7 +677,7 @@ class LmHead:
     def prune(self, weight: torch.Tensor, config: PruneConfig, device: torch.device) -> torch.Tensor:
         """In place on the stored (CPU) tensor; scores made on the compute device a chunk at a time."""
         zero_lowest(weight, lambda rows: weight[rows].to(device, torch.float32).abs(), config.sparsity_ratio,
-                    config.nm, per_row=False)
+                    config.nm, per_row=False, scores_on=device)
         return weight
 
 

@@ -88,7 +88,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     describe(block, matrices)
     chosen = selected_matrices(matrices, len(layers) - 1, len(layers), config) or matrices
     pruning_method = build_method(config, model_config)
-    method = pruning_method.memory_bytes(chosen, compute)
+    method = pruning_method.memory_bytes(chosen, compute, device_type)
     hidden, vocab = model_config.hidden_size, model_config.vocab_size
     cache = config.nsamples * config.seqlen * hidden * compute.itemsize
     eval_cache = eval_windows * config.seqlen * hidden * compute.itemsize
@@ -138,7 +138,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
                     "micro_batch": micro_batch}, {**ahead, **behind}),  # statistics, prune, propagate
                   ({"block_weights": block_compute},  # write: the stored copy, one tensor serialized at a time
                    {"stored_block": block_stored, "serialized_tensor": serialized, **ahead})],
-        "write": [({"head_prune_chunk": chunk_workspace_bytes(head) if config.nr_prune_lm_head else 0},
+        "write": [({"head_prune_chunk": chunk_workspace_bytes(head, device_type) if config.nr_prune_lm_head else 0},
                    {"outside_tensors": outside * stored.itemsize,
                     "serialized_tensor": max(embedding, head) * stored.itemsize})],
         "eval": [embed_step,

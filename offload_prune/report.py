@@ -8,15 +8,23 @@ import time
 import torch
 
 from .hostmem import release_free_memory
-from .masks import nm_valid
+from .masks import chunk_elements, nm_valid, row_chunks
 
 
-def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None) -> dict:
-    zeros = weight.numel() - int(torch.count_nonzero(weight))  # far faster than (w == 0).sum() on fp16
+def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None, written_as: torch.dtype | None = None) -> dict:
+    """Shape, zeros and sparsity (and N:M validity) of a weight matrix as it is written: converted to
+    `written_as` (a float32 weight too small for float16 is written as a zero), a chunk of rows at a time
+    (no copy of the whole matrix is made)."""
+    rows = weight.detach().reshape(-1, weight.shape[-1])
+    zeros, valid = 0, True
+    for chunk in row_chunks(*rows.shape, chunk_elements(rows.device.type)):
+        part = rows[chunk].to(written_as) if written_as is not None else rows[chunk]
+        zeros += part.numel() - int(torch.count_nonzero(part))  # far faster than (w == 0).sum() on fp16
+        valid = valid and (nm is None or nm_valid(part, nm))
     stats = {"shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
              "sparsity": zeros / weight.numel()}
     if nm is not None:
-        stats["nm_valid"] = nm_valid(weight, nm)
+        stats["nm_valid"] = valid
     return stats
 
 

@@ -196,12 +196,11 @@ class StreamedModel:
         if self.device.type == "cuda":  # give the freed block back, not only to torch's cache
             torch.cuda.empty_cache()
 
-    def as_stored(self, prefix: str, matrix) -> torch.Tensor:
-        """A block matrix's [out, in] view in the dtype its checkpoint tensor has (what is written)."""
+    def stored_dtype(self, prefix: str, matrix) -> torch.dtype:
+        """The dtype a block matrix's checkpoint tensor has (what it is written in)."""
         param = prefix + (matrix.name.rsplit(".", 2)[0] + "." + matrix.name.rsplit(".", 1)[1]
                           if matrix.expert is not None else matrix.name + ".weight")
-        source = self.tensormap.group_of[param].sources[0]
-        return matrix.weight.detach().to("cpu", self.reader.dtypes[source])
+        return self.reader.dtypes[self.tensormap.group_of[param].sources[0]]
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """The block's tensors under their checkpoint names, in their stored dtypes, on the CPU."""

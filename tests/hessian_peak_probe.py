@@ -57,7 +57,7 @@ def main(method_name: str, true_sequential: bool, hessian_dtype: str) -> None:
     method = build_method(options)
     if structured:
         linears = {n: m for n, m in linears.items() if n.startswith("mlp.")}
-    planned = method.memory_bytes(linears, torch.float32)
+    planned = method.memory_bytes(linears, torch.float32, "cpu")
     held, peak = 0, 0
     for group in method.groups(linears):
         _collect(method, block, {n: linears[n] for n in group}, kwargs, x, options, cpu)

@@ -137,7 +137,7 @@ def test_a_many_expert_layer_never_holds_every_experts_hessian():
     assert sorted(n for group in passes for n in group) == sorted(matrices)
     one_expert = (hidden ** 2 + expert_width ** 2) * 4
     dense = (hidden ** 2 + 256 ** 2 + hidden ** 2) * 4  # q/k/v, o (4 heads x 64), router
-    statistics = method.memory_bytes(matrices, torch.float32)["statistics"]
+    statistics = method.memory_bytes(matrices, torch.float32, "cpu")["statistics"]
     assert statistics <= max(dense, one_expert) and statistics < experts * one_expert / 10
     assert len(passes) > experts * one_expert // dense
     plan = memory_plan(config, model_config, "cpu")

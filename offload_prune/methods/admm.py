@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from ..masks import ScoreRows, chunk_workspace_bytes, lowest_k, row_chunks
+from ..masks import CHUNK_ELEMENTS, ScoreRows, chunk_elements, chunk_workspace_bytes, lowest_k, row_chunks
 from ..matrices import Matrix
 from .sparsegpt import SparseGPT
 
@@ -46,7 +46,7 @@ def choose_mask(scores: ScoreRows, shape: tuple[int, int], sparsity: float, nm: 
     (scores made a chunk of rows at a time, so the selection's temporaries stay small)."""
     rows, cols = shape
     mask = torch.empty(shape, dtype=torch.bool, device=device)
-    for chunk in row_chunks(rows, cols):
+    for chunk in row_chunks(rows, cols, chunk_elements(device.type)):
         part = scores(chunk)
         if nm is None:
             mask[chunk] = lowest_k(part, int(cols * sparsity * fraction))
@@ -111,9 +111,9 @@ class ADMM(SparseGPT):
     # G, the factor of G + rho I and the inverse while factorising; G and the inverse while pruning.
     squares_factorising, squares_pruning = 3, 2
 
-    def _pruning_bytes(self, matrix: Matrix, compute_dtype: torch.dtype) -> int:
+    def _pruning_bytes(self, matrix: Matrix, compute_dtype: torch.dtype, device_type: str) -> int:
         """Four float32 copies of W in the iterations (V, V + U, U, G V0), the mask, a chunk of scores."""
-        return matrix.weight.numel() * (4 * 4 + 1) + chunk_workspace_bytes(matrix.weight.numel())
+        return matrix.weight.numel() * (4 * 4 + 1) + chunk_workspace_bytes(matrix.weight.numel(), device_type)
 
     def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix], sequences: int,
                        sparsity: float) -> dict[str, dict]:
@@ -143,7 +143,7 @@ class ADMM(SparseGPT):
 def _quadratic(x: torch.Tensor, gram: torch.Tensor) -> float:
     """sum over rows of x (G - delta I) x^T, the undamped output energy, a chunk of rows at a time."""
     total = 0.0
-    for rows in row_chunks(*x.shape):
+    for rows in row_chunks(*x.shape, CHUNK_ELEMENTS):  # matrix products: large chunks
         part = x[rows]
         total += float(torch.vdot((part @ gram).flatten(), part.flatten()) - DAMPING * torch.vdot(part.flatten(), part.flatten()))
     return total

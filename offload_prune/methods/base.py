@@ -76,14 +76,16 @@ class PruningMethod:
         calibration ran)."""
         raise NotImplementedError(f"{type(self).__name__} has no neuron score")
 
-    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
+    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype, device_type: str) -> dict[str, int]:
         """Compute-device bytes beyond the block's weights, for the memory plan: `statistics` held
-        through the calibration pass, and the peak `prune` step (statistics still alive included).
+        through the calibration pass, and the peak `prune` step (statistics still alive included), when
+        computing in `compute_dtype` on `device_type`.
         `linears` may live on the meta device: only shapes are used. By default: the statistics,
         still held while the largest linear's scores and mask are made, a chunk of rows at a time."""
         statistics = self.statistics_bytes(linears)
         return {"statistics": statistics,
-                "prune": statistics + max(chunk_workspace_bytes(m.weight.numel()) for m in linears.values())}
+                "prune": statistics + max(chunk_workspace_bytes(m.weight.numel(), device_type)
+                                          for m in linears.values())}
 
     def statistics_bytes(self, linears: dict[str, Matrix]) -> int:
         """Bytes of statistics held for these linears through a calibration pass."""

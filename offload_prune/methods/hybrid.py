@@ -53,8 +53,9 @@ class Hybrid(PruningMethod):
                 results.update({n: {"rule": part.rule(n), **info} for n, info in part.prune(mine, sparsity).items()})
         return results
 
-    def memory_bytes(self, linears, compute_dtype) -> dict[str, int]:
+    def memory_bytes(self, linears, compute_dtype, device_type) -> dict[str, int]:
         self.groups(linears)
-        parts = [part.memory_bytes({n: m for n, m in linears.items() if self._part(n) is part}, compute_dtype)
+        parts = [part.memory_bytes({n: m for n, m in linears.items() if self._part(n) is part}, compute_dtype,
+                                   device_type)
                  for part in (self.attention, self.mlp) if any(self._part(n) is part for n in linears)]
         return {"statistics": sum(p["statistics"] for p in parts), "prune": sum(p["prune"] for p in parts)}

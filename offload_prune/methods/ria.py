@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import lowest_k, row_chunks
+from ..masks import chunk_elements, lowest_k, row_chunks
 from ..matrices import Matrix
 from .wanda import Wanda
 
 
 def column_sums(weight: torch.Tensor) -> torch.Tensor:
-    return sum(weight[rows].float().abs().sum(dim=0) for rows in row_chunks(*weight.shape))
+    chunks = row_chunks(*weight.shape, chunk_elements(weight.device.type))
+    return sum(weight[rows].float().abs().sum(dim=0) for rows in chunks)
 
 
 def ria_scores(weight: torch.Tensor, rows: slice, columns: torch.Tensor, input_norm: torch.Tensor,

@@ -16,5 +16,5 @@ class ShortGPT(PruningMethod):
     def prune(self, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
         raise RuntimeError("shortgpt removes blocks; it never prunes matrices")
 
-    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
+    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype, device_type: str) -> dict[str, int]:
         return {"statistics": 0, "prune": 0}

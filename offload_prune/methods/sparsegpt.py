@@ -193,7 +193,7 @@ class SparseGPT(PruningMethod):
     #: the factor and the inverse), and while that input's matrices are pruned (the factor).
     squares_factorising, squares_pruning = 2, 1
 
-    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
+    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype, device_type: str) -> dict[str, int]:
         """Hessians are [cols, cols] in hessian_dtype, one per shared input (q/k/v and gate/up share
         theirs), alive together through a pass; the ones not yet used stay alive while one is factorised
         and its matrices pruned. A float64 Hessian is rounded to float32 first: both exist for a moment."""
@@ -206,12 +206,12 @@ class SparseGPT(PruningMethod):
                 later = sum(sizes[k + 1:])
                 square = members[0].in_features ** 2 * 4
                 rounding = sizes[k] + square if self.hessian_dtype != torch.float32 else 0
-                per_matrix = max(self._pruning_bytes(m, compute_dtype) for m in members)
+                per_matrix = max(self._pruning_bytes(m, compute_dtype, device_type) for m in members)
                 prune_peak = max(prune_peak, later + rounding, later + self.squares_factorising * square,
                                  later + self.squares_pruning * square + per_matrix)
         return {"statistics": statistics, "prune": prune_peak}
 
-    def _pruning_bytes(self, matrix: Matrix, compute_dtype: torch.dtype) -> int:
+    def _pruning_bytes(self, matrix: Matrix, compute_dtype: torch.dtype, device_type: str) -> int:
         """Pruning one matrix: a float32 copy of W (two when W is not float32), the W-sized temporary
         of the first lazy column update and a few column blocks."""
         copies = 2 if compute_dtype == torch.float32 else 3

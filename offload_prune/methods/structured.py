@@ -110,10 +110,10 @@ class StructuredNeurons(PruningMethod):
         """float64 sums and squares per input column of each output matrix, and H when refitting."""
         return sum(m.in_features * 16 + (m.in_features ** 2 * 8 if self.refit else 0) for m in self._outputs(linears))
 
-    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype) -> dict[str, int]:
+    def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype, device_type: str) -> dict[str, int]:
         """The scorer's own terms with the moments on top; then, one after the other, the neuron scores
         (float64 copies of a unit's largest matrix) and the refit (`refit_bytes`)."""
-        scorer = self.scorer.memory_bytes(linears, compute_dtype)
+        scorer = self.scorer.memory_bytes(linears, compute_dtype, device_type)
         moments = self._moments_bytes(linears)
         units = [(u.matrices, u.output, kept_width(u.neurons, self.config.sparsity_ratio)) for u in mlp_units(linears)]
         units += [([*h.inputs, h.output], h.output, kept_groups(h.groups, self.config.prune_heads) * h.columns_per_group)
