@@ -8,10 +8,13 @@ Parts (each one a fresh process; its result is added to OUT/gpu.json as soon as 
 part already there is not run again, so a machine taken away halfway loses nothing finished):
 
 - `7b-wanda`, `7b-sparsegpt`: a synthetic checkpoint in LLaMA-2-7B's shapes (32 blocks, fp16, random
-  weights) pruned by offload-prune, 128 x 2048 calibration tokens: wall time, time per block, and
-  each phase's peak `max_memory_reserved` against the plan.
-- `70b-block`: one block in LLaMA-2-70B's shapes, SparseGPT, 128 x 2048: peak device memory against
-  the plan and the 20 GiB goal.
+  weights) pruned by offload-prune, 128 x 2048 calibration tokens, `--offload-activations auto` (on
+  the GPU when the plan fits it): wall time, time per block, and each phase's peak
+  `max_memory_reserved` against the plan.
+- `7b-wanda-ram`: the same as `7b-wanda` with the activation cache in page-locked host RAM
+  (`--offload-activations ram`), against which the GPU-resident cache is measured.
+- `70b-block`: one block in LLaMA-2-70B's shapes, SparseGPT, 128 x 2048, the cache in host RAM (as on
+  a 24 GB GPU): peak device memory against the plan and the 20 GiB goal.
 - `7b-whole-wanda`, `7b-whole-sparsegpt`: the same work with the whole model on the GPU (from_pretrained,
   the layer-0 inputs kept on the GPU, the same method code layer by layer, save_pretrained), the
   in-memory baseline.
@@ -40,7 +43,10 @@ WIDTHS = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8),
     "small": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4),
 }
-PARTS = ["70b-block", "7b-wanda", "7b-sparsegpt", "7b-whole-wanda", "7b-whole-sparsegpt"]
+#: part: (shape, method, activation store; None: the whole-model baseline)
+PARTS = {"70b-block": ("70b", "sparsegpt", "ram"), "7b-wanda": ("7b", "wanda", "auto"),
+         "7b-wanda-ram": ("7b", "wanda", "ram"), "7b-sparsegpt": ("7b", "sparsegpt", "auto"),
+         "7b-whole-wanda": ("7b", "wanda", None), "7b-whole-sparsegpt": ("7b", "sparsegpt", None)}
 GIB = 2**30
 
 
@@ -54,12 +60,14 @@ def checkpoint(args, shape: str, layers: int) -> Path:
     return folder
 
 
-def streamed(args, model: Path, method: str) -> dict:
+def streamed(args, model: Path, method: str, store: str) -> dict:
     report = run_offload_prune(["--model", str(model), "--prune_method", method, "--calib-data", str(model / "demo.txt"),
                                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                                "--device", args.device], args.workdir / f"out-{model.name}-{method}")
+                                "--device", args.device, "--offload-activations", store],
+                               args.workdir / f"out-{model.name}-{method}-{store}")
     plan = report["memory_plan"]
-    return {"wall_seconds": report["wall_seconds"], "phase_seconds": report["seconds"],
+    return {"activation_store": plan["activation_store"], "wall_seconds": report["wall_seconds"],
+            "phase_seconds": report["seconds"],
             "seconds_per_block": report["seconds"]["prune"] / plan["num_layers"],
             "peak_device_reserved": report["peak_device_bytes"], "planned_device": plan["device"]["peak"],
             "peak_host_rss": report["peak_host_rss_bytes"], "planned_host": plan["host"]["peak"],
@@ -68,14 +76,13 @@ def streamed(args, model: Path, method: str) -> dict:
 
 def child(args) -> dict:
     """One part, in this (fresh) process."""
-    if args.child == "70b-block":
-        return streamed(args, checkpoint(args, "70b", 1), "sparsegpt")
-    model = checkpoint(args, "7b", args.layers)
-    if args.child.startswith("7b-whole-"):
+    shape, method, store = PARTS[args.child]
+    model = checkpoint(args, shape, 1 if shape == "70b" else args.layers)
+    if store is None:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-        return whole_model_prune(model, args.workdir / f"out-{model.name}-whole", args.child.rsplit("-", 1)[1],
+        return whole_model_prune(model, args.workdir / f"out-{model.name}-whole", method,
                                  args.nsamples, args.seqlen, torch.device(args.device), dtype)
-    return streamed(args, model, args.child.rsplit("-", 1)[1])
+    return streamed(args, model, method, store)
 
 
 def describe_device(device: str) -> str:
@@ -86,20 +93,20 @@ def describe_device(device: str) -> str:
 
 
 def summary(results: dict) -> str:
-    lines = ["| part | wall | per block | peak device reserved | device plan | peak host RSS | host plan |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| part | activations | wall | per block | peak device reserved | device plan | peak host RSS | host plan |",
+             "|---|---|---|---|---|---|---|---|"]
     for part, r in results.items():
         gib = lambda key: f"{r[key] / GIB:.2f} GiB" if r.get(key) is not None else "-"  # noqa: E731
         wall = r.get("wall_seconds", r.get("seconds"))
         per_block = f"{r['seconds_per_block']:.1f} s" if "seconds_per_block" in r else "-"
-        lines.append(f"| {part} | {wall:.0f} s | {per_block} | {gib('peak_device_reserved')} | {gib('planned_device')} | "
+        lines.append(f"| {part} | {r.get('activation_store', 'whole model')} | {wall:.0f} s | {per_block} | {gib('peak_device_reserved')} | {gib('planned_device')} | "
                      f"{gib('peak_host_rss') if 'peak_host_rss' in r else gib('peak_rss')} | {gib('planned_host')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)

@@ -8,6 +8,7 @@ Wanda repository does), then save_pretrained. Both compute in float32 on the CPU
     python bench/memory.py                       # 0.5, 1, 2, 4 GB
     python bench/memory.py --sizes-gb 0.5 1      # quicker
     python bench/memory.py --sizes-gb 2 --repeats 3   # the --overlap-io goal: streaming vs whole model
+    python bench/memory.py --sizes-gb 2 --repeats 3 --cold-cache   # the same, the checkpoint read from the disk
 
 Streaming runs twice per size: with --overlap-io (the default: the next block read and the last one
 written on helper threads) and without (everything in series).
@@ -113,7 +114,19 @@ def child_in_memory(model: Path, save: Path, nsamples: int, seqlen: int) -> dict
     return whole_model_prune(model, save, "wanda", nsamples, seqlen, torch.device("cpu"), torch.float32)
 
 
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache, so that the next run reads the checkpoint from the disk (Linux, root)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("1\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold-cache needs to write /proc/sys/vm/drop_caches (Linux, as root): {exc}") from None
+
+
 def run_child(mode: str, model: Path, save: Path, args) -> dict:
+    if args.cold_cache:
+        drop_page_cache()
     command = [sys.executable, __file__, "--child", mode, "--model", str(model), "--save", str(save),
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -147,6 +160,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "offload-prune-bench")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each mode, in rotation; the fastest counts")
+    parser.add_argument("--cold-cache", action="store_true",
+                        help="empty the page cache before every run: the checkpoint is read from the disk, as a "
+                             "model larger than RAM always is (needs root)")
     parser.add_argument("--child", choices=["streaming", "serial", "in_memory"])
     parser.add_argument("--model", type=Path)
     parser.add_argument("--save", type=Path)
@@ -162,7 +178,8 @@ def main() -> None:
     outside_bytes = 2 * (2 * WIDTH["vocab_size"] * h + h)
     print(f"machine: {machine()}")
     print(f"Llama width {h}/{i}, fp16 block {block_bytes / 2**20:.0f} MiB; Wanda 50%, "
-          f"{args.nsamples} x {args.seqlen} calibration tokens; float32 compute on CPU\n")
+          f"{args.nsamples} x {args.seqlen} calibration tokens; float32 compute on CPU; checkpoint "
+          f"{'read from the disk (page cache emptied before each run)' if args.cold_cache else 'in the page cache'}\n")
     print("| checkpoint | layers | streaming peak RSS | RSS / size | streaming time | without --overlap-io "
           "| in-memory peak RSS | in-memory time | time ratio |")
     print("|---|---|---|---|---|---|---|---|---|")

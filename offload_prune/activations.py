@@ -1,14 +1,17 @@
-"""Hidden states of every calibration window, between two decoder blocks, on the host.
+"""Hidden states of every calibration window, between two decoder blocks.
 
-`ram` keeps them in memory and persists a copy per block for resuming; `disk` keeps them in a
-memory-mapped file, so host memory holds only the pages in use. Files are raw bytes (torch
-can map any dtype, bf16 included) named by the block they feed: acts_00012.bin feeds block 12
-(acts_00012.rank1.bin: the share of rank 1, across torchrun ranks).
+`ram` keeps them in host memory and persists a copy per block for resuming; `disk` keeps them in a
+memory-mapped file, so host memory holds only the pages in use; `device` keeps them in the compute
+device's memory (on a GPU: no copy to or from the host per micro-batch) and persists them through a
+small host buffer. Files are raw bytes (torch can map any dtype, bf16 included) named by the block
+they feed: acts_00012.bin feeds block 12 (acts_00012.rank1.bin: the share of rank 1, across torchrun
+ranks), the same whichever store wrote them, so a run may resume with another.
 A committed file is only ever read (mapped read-only on disk), never created by reading it; the
 run state decides when an old one is deleted.
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -16,12 +19,21 @@ import torch
 
 from . import durable
 
+#: The device store goes through host memory in pieces of this size when it is persisted or reopened.
+STAGING_BYTES = 16 << 20
+
 
 class ActivationStore:
-    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool, pin: bool = False,
-                 tag: str = ""):
-        self.folder, self.shape, self.dtype, self.on_disk, self.tag = folder, tuple(shape), dtype, on_disk, tag
-        self.pin = pin and not on_disk  # page-locked RAM: copies to and from a GPU run asynchronously
+    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: torch.dtype, where: str = "ram",
+                 device: torch.device = torch.device("cpu"), tag: str = ""):
+        if where not in ("ram", "disk", "device"):
+            raise ValueError(f"an activation store is in ram, on disk or on the device, not {where!r}")
+        self.folder, self.shape, self.dtype, self.where, self.tag = folder, tuple(shape), dtype, where, tag
+        self.on_disk = where == "disk"
+        self.device = device if where == "device" else torch.device("cpu")
+        # Page-locked host memory (the RAM cache, or the device cache's staging buffer): copies to and from
+        # a GPU then run asynchronously.
+        self.pin = not self.on_disk and device.type == "cuda"
         self.numel = 1
         for dim in self.shape:
             self.numel *= dim
@@ -55,19 +67,35 @@ class ActivationStore:
         path = self.path(index)
         if self.on_disk:
             self.tensor = self._mapped(path, shared=False)
+        elif self.where == "device":
+            self.tensor = self._empty()
+            flat, staging = durable.flat_bytes(self.tensor), self._staging()
+            with open(path, "rb") as f:
+                for start in range(0, flat.numel(), staging.numel()):
+                    piece = staging[:min(staging.numel(), flat.numel() - start)]
+                    f.readinto(durable.tensor_bytes(piece))
+                    flat[start:start + piece.numel()].copy_(piece)
         else:
             self.tensor = self._empty()
             with open(path, "rb") as f:
-                f.readinto(self._bytes(self.tensor))
+                f.readinto(durable.tensor_bytes(self.tensor))
         return self.tensor
 
     def _empty(self) -> torch.Tensor:
+        if self.where == "device":
+            return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self._host(self.shape, self.dtype)
+
+    def _staging(self) -> torch.Tensor:
+        return self._host((min(STAGING_BYTES, self.nbytes),), torch.uint8)
+
+    def _host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.pin:
             try:
-                return torch.empty(self.shape, dtype=self.dtype, pin_memory=True)
+                return torch.empty(shape, dtype=dtype, pin_memory=True)
             except RuntimeError:  # the system's page-locked limit: pageable memory works, only slower
                 self.pin = False
-        return torch.empty(self.shape, dtype=self.dtype)
+        return torch.empty(shape, dtype=dtype)
 
     def output_buffer(self, index: int) -> torch.Tensor:
         """Where block index-1 writes its outputs. In RAM they overwrite the inputs sample by
@@ -90,12 +118,22 @@ class ActivationStore:
         def persist(index: int) -> durable.FileRecord:
             if self.on_disk:
                 return durable.write_file(self.path(index), lambda tmp: None)  # filled through the mapping
-            return durable.write_bytes(self.path(index), self._bytes(filled))
+            if self.where == "device":
+                return durable.write_file(self.path(index), lambda tmp: self._write_staged(tmp, filled))
+            return durable.write_bytes(self.path(index), durable.tensor_bytes(filled))
         return persist
+
+    def _write_staged(self, tmp: Path, filled: torch.Tensor) -> int:
+        """The device cache's bytes into `tmp` a staging buffer at a time; their CRC-32."""
+        flat, staging, crc = durable.flat_bytes(filled), self._staging(), 0
+        with open(tmp, "wb") as f:
+            for start in range(0, flat.numel(), staging.numel()):
+                piece = staging[:min(staging.numel(), flat.numel() - start)]
+                piece.copy_(flat[start:start + piece.numel()])  # waits for the device: the bytes are there
+                data = durable.tensor_bytes(piece)
+                f.write(data)
+                crc = zlib.crc32(data, crc)
+        return crc
 
     def release(self) -> None:
         self.tensor = self._output = None
-
-    @staticmethod
-    def _bytes(tensor: torch.Tensor) -> memoryview:
-        return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

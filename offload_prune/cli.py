@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DTYPES, HESSIAN_DTYPES, METHODS, OffloadPruneError, PruneConfig, parse_bytes
+from .config import ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, OffloadPruneError, PruneConfig, parse_bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,8 +35,10 @@ def _common(parser: argparse.ArgumentParser, stores: tuple[str, ...] = ("ram", "
     _flag(parser, "micro-batch-size", type=int, default=1, help="windows per forward call (default 1)")
     _flag(parser, "offload-activations", default="ram", choices=stores,
           help="keep cached activations in RAM or in a memory-mapped file" + (
-              "; auto: RAM when the memory plan with them there fits the host (--max-host-memory, or the memory "
-              "available), else disk" if "auto" in stores else ""))
+              ", or on the compute device (a GPU: no host copies per micro-batch); auto: on the GPU when the "
+              "memory plan with them there fits it (--max-device-memory, or 90 %% of its free memory), else in "
+              "RAM when it fits the host (--max-host-memory, or the memory available), else on disk"
+              if "auto" in stores else ""))
     _flag(parser, "eval-data", default=None, help="text file (or wikitext2) for perplexity")
     _flag(parser, "eval-max-windows", type=int, default=None, help="evaluate at most this many windows")
     _flag(parser, "quiet", action="store_true", help="no progress bars or summary")
@@ -47,7 +49,7 @@ def prune_parser() -> argparse.ArgumentParser:
         "Prune a Hugging Face causal LM block by block from its safetensors shards. "
         "Other commands: `offload-prune eval --model X --eval-data F` (perplexity), "
         "`offload-prune plan --model X ...` (memory needed, from config.json only)."))
-    _common(parser, stores=("ram", "disk", "auto"))
+    _common(parser, stores=ACTIVATION_STORES)
     _flag(parser, "save", type=Path, default=None, help="output folder for the pruned model (required)")
     _flag(parser, "overlap-io", default="on", choices=("on", "off"),
           help="read the next block and write the last one while a block computes (default on; off: one "
@@ -161,7 +163,10 @@ def plan_parser() -> argparse.ArgumentParser:
 
 def run_plan(argv: list[str]) -> int:
     from .distributed import Ranks
-    from .plan import check_budget, format_plan, load_config_only, memory_plan, per_rank, resolve_activation_store
+    import torch
+
+    from .plan import (check_budget, device_free_bytes, format_plan, load_config_only, memory_plan, per_rank,
+                       resolve_activation_store)
 
     options = _options(plan_parser(), argv)
     ranks = options.pop("ranks")
@@ -172,7 +177,8 @@ def run_plan(argv: list[str]) -> int:
     text_size, eval_windows = _text_sizes(config)
     model_config = load_config_only(config.model)
     config, plan = resolve_activation_store(config, lambda options: memory_plan(
-        per_rank(options, Ranks(0, ranks)), model_config, device_type, text_size, eval_windows))
+        per_rank(options, Ranks(0, ranks)), model_config, device_type, text_size, eval_windows),
+        device_free_bytes(torch.device(device_type if config.device == "auto" else config.device)))
     print(format_plan(plan, config.model) + (f"\n(per rank, for rank 0 of {ranks})" if ranks > 1 else ""))
     check_budget(plan, config)
     return 0

@@ -15,7 +15,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "ria", "neuronrank_old", "
 STRUCTURED_METHODS = ("magnitude", "wanda", "flap", "neuronrank_old", "neuronrank_tfidf")
 #: Those whose neuron score also reads an attention output projection (--prune-heads).
 HEAD_METHODS = ("magnitude", "wanda", "flap")
-ACTIVATION_STORES = ("ram", "disk", "auto")
+ACTIVATION_STORES = ("ram", "disk", "device", "auto")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 HESSIAN_DTYPES = ("float32", "float64")
 

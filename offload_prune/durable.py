@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .config import OffloadPruneError
 
 TMP_SUFFIX = ".tmp"
@@ -101,16 +103,20 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(path.name + TMP_SUFFIX)
 
 
-def write_file(path: Path, write: Callable[[Path], None]) -> FileRecord:
+def write_file(path: Path, write: Callable[[Path], int | None]) -> FileRecord:
     """Create or replace `path` atomically: `write(tmp)` fills the temporary file, which is then
-    fsynced and renamed into place. The directory entry is made durable by `sync_dir`."""
+    fsynced and renamed into place. The directory entry is made durable by `sync_dir`.
+    `write` may return the CRC-32 of the bytes it wrote, computed from memory; otherwise the file is
+    read back for it (for a model larger than the page cache, a second disk read of all it writes)."""
     tmp = tmp_path(path)
-    _writing(tmp, path, write)
+    crc = _writing(tmp, path, write)
+    if crc is not None and not isinstance(crc, int):
+        raise TypeError(f"writing {path.name} returned {crc!r}, not a CRC-32 or None")
     step("write", tmp, torn=tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     step("fsync", tmp)
-    record = checksum(tmp)
+    record = checksum(tmp) if crc is None else FileRecord(tmp.stat().st_size, crc)
     os.replace(tmp, path)
     step("rename", path)
     return record
@@ -131,9 +137,9 @@ def reserve_tmp(path: Path, nbytes: int) -> Path:
     return tmp
 
 
-def _writing(tmp: Path, path: Path, write: Callable[[Path], None]) -> None:
+def _writing(tmp: Path, path: Path, write: Callable[[Path], int | None]) -> int | None:
     try:
-        write(tmp)
+        return write(tmp)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         reason = _space_reason(exc)
@@ -143,10 +149,21 @@ def _writing(tmp: Path, path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_bytes(path: Path, data: bytes | memoryview) -> FileRecord:
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> int:
         with open(tmp, "wb") as f:
             f.write(data)
+        return zlib.crc32(data)
     return write_file(path, write)
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view, on its own device (any dtype, bf16 included)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(flat_bytes(tensor).numpy())
 
 
 def write_text(path: Path, text: str) -> FileRecord:
@@ -154,7 +171,9 @@ def write_text(path: Path, text: str) -> FileRecord:
 
 
 def copy_file(source: Path, path: Path) -> FileRecord:
-    return write_file(path, lambda tmp: shutil.copyfile(source, tmp))
+    def copy(tmp: Path) -> None:
+        shutil.copyfile(source, tmp)
+    return write_file(path, copy)
 
 
 def sync_dir(folder: Path) -> None:

@@ -29,7 +29,8 @@ def perplexity(reader: CheckpointReader, windows: torch.Tensor, device: torch.de
     seqlen = windows.shape[1]
     streamed = StreamedModel(reader, device, dtype)
     with tempfile.TemporaryDirectory(prefix="offload-prune-eval-") as tmp:
-        store = ActivationStore(Path(tmp), (len(windows), seqlen, reader.config.hidden_size), dtype, on_disk)
+        store = ActivationStore(Path(tmp), (len(windows), seqlen, reader.config.hidden_size), dtype,
+                                "disk" if on_disk else "ram")
         hidden = store.create(0)
         streamed.load_outside(with_head=False)
         layer_kwargs = streamed.capture_into(windows, hidden, quiet, f"{label}: embed")

@@ -41,7 +41,7 @@ from .heads import heads_setting
 from .neurons import width_setting
 from .masks import zero_lowest
 from .matrices import Matrix, describe, find_matrices, observe, other_weights
-from .plan import check_budget, memory_plan, per_rank, resolve_activation_store
+from .plan import check_budget, device_free_bytes, memory_plan, per_rank, resolve_activation_store
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import FollowerState, RunState
 from .selection import selected_matrices
@@ -150,10 +150,12 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
     own_windows = ranks.windows(len(windows))
     config, plan = resolve_activation_store(config, lambda options: memory_plan(
         per_rank(options, ranks), reader.config, device.type, text_size,
-        len(evaluation) if evaluation is not None else 0, process_bytes=process_bytes))
+        len(evaluation) if evaluation is not None else 0, process_bytes=process_bytes),
+        device_free_bytes(device))
     if asked == "auto" and not config.quiet:
-        print(f"--offload-activations auto: {config.offload_activations} (host plan "
-              f"{plan['host']['peak'] / 2**30:.2f} GiB)", file=sys.stderr)
+        print(f"--offload-activations auto: {config.offload_activations} (device plan "
+              f"{plan['device']['peak'] / 2**30:.2f} GiB, host plan {plan['host']['peak'] / 2**30:.2f} GiB)",
+              file=sys.stderr)
     check_budget(plan, config)  # still before any weight is read
     method = build_method(config, reader.config)
     _check_ranks(ranks, method, config)
@@ -177,8 +179,7 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
         if state.manifest["finished"]:
             return _already_finished(state, config)
         store = ActivationStore(state.dir, (len(windows[own_windows]), *activation_shape[1:]), dtype,
-                                on_disk=config.offload_activations == "disk", pin=device.type == "cuda",
-                                tag=ranks.tag())
+                                config.offload_activations, device, tag=ranks.tag())
         run = Run(config, reader, device, streamed, method, state, layout, store, head, meter, given_sparsities,
                   config_changes, writer, ranks)
         resumed = state.started

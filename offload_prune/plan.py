@@ -18,7 +18,8 @@ its own line, for the compute device and for the host, with the parts that make 
                and head with the logits of one chunk of positions.
 
 The host always holds the process itself and, with `--offload-activations ram`, the activation
-cache. On the CPU the compute device is the host: device parts are host memory too. The test
+cache; with `device`, the cache is device memory in the phases that hold it (and a host staging
+buffer persists it). On the CPU the compute device is the host: device parts are host memory too. The test
 suite checks each phase against the peak a run measures (report.json, `phase_peaks`).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Callable
 import psutil
 import torch
 
+from .activations import STAGING_BYTES
 from .config import OffloadPruneError, PruneConfig
 from .distributed import Ranks
 from .masks import chunk_workspace_bytes
@@ -84,9 +86,9 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     compute = planned_compute_dtype(config, device_type, model_config)
     stored = stored_dtype(model_config)
     on_cpu = device_type == "cpu"
-    if config.offload_activations not in ("ram", "disk"):
+    store = config.offload_activations
+    if store not in ("ram", "disk", "device"):
         raise ValueError("plan an activation store that is resolved (resolve_activation_store)")
-    in_ram = config.offload_activations == "ram"
     block_numel = sum(p.numel() for p in block.parameters())
     matrices = find_matrices(block)
     describe(block, matrices)
@@ -153,14 +155,18 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     }
     device_plan, host_plan = {}, {}
     for name, steps in phases.items():
-        caches = {"activation_cache": cache if in_ram and name in ("capture", "owl", "influence", "prune") else 0,
-                  "eval_cache": eval_cache if in_ram and name == "eval" else 0}
+        cached = name in ("capture", "owl", "influence", "prune")
+        # The device store's cache is device memory; persisted and reopened through a host staging buffer.
+        on_device = {"activation_cache": cache} if store == "device" and cached else {}
+        caches = {"activation_cache": cache if store == "ram" and cached else 0,
+                  "activation_staging": min(STAGING_BYTES, cache) if on_device else 0,
+                  "eval_cache": eval_cache if store != "disk" and name == "eval" else 0}
         fixed = {"process": process_bytes, "runtime_growth": RUNTIME_GROWTH_BYTES if name != "calibration" else 0,
                  **caches}
         fixed = {k: v for k, v in fixed.items() if v}
         devices, hosts = [], []
         for device_parts, host_parts in steps:
-            device_parts = {k: v for k, v in device_parts.items() if v}
+            device_parts = {k: v for k, v in {**on_device, **device_parts}.items() if v}
             host = {**fixed, **{k: v for k, v in host_parts.items() if v}}
             for key, value in (device_parts.items() if on_cpu else ()):
                 host[key] = host.get(key, 0) + value
@@ -192,20 +198,37 @@ def per_rank(config: PruneConfig, ranks: Ranks) -> PruneConfig:
     return config.replaced(nsamples=share.stop - share.start) if ranks.world > 1 else config
 
 
-def resolve_activation_store(config: PruneConfig, plan_for: Callable[[PruneConfig], dict]) -> tuple[PruneConfig, dict]:
-    """--offload-activations auto: the cache in RAM when the plan with it there fits the host, on disk
-    otherwise. The host's limit is --max-host-memory, or else what the process holds now plus 90 % of
-    the memory the system has available. Returns the options with the store named, and their plan."""
+def resolve_activation_store(config: PruneConfig, plan_for: Callable[[PruneConfig], dict],
+                             device_free: int | None = None) -> tuple[PruneConfig, dict]:
+    """--offload-activations auto: the cache on the GPU when the plan with it there fits the GPU and the
+    host, else in RAM when the plan with it there fits the host, else on disk. The GPU's limit is
+    --max-device-memory, or else 90 % of its free memory (`device_free`; None: not known, the GPU is not
+    tried); the host's, --max-host-memory, or else what the process holds now plus 90 % of the memory
+    the system has available. On the CPU the device is the host: RAM. Returns the options with the
+    store named, and their plan."""
     if config.offload_activations != "auto":
         return config, plan_for(config)
     in_ram = config.replaced(offload_activations="ram")
     plan = plan_for(in_ram)
     limit = config.max_host_memory or plan["phases"]["calibration"]["host_parts"]["process"] + int(
         0.9 * psutil.virtual_memory().available)
+    device_limit = config.max_device_memory or (int(0.9 * device_free) if device_free is not None else None)
+    if plan["device_type"] != "cpu" and device_limit is not None:
+        on_device = config.replaced(offload_activations="device")
+        device_plan = plan_for(on_device)
+        if device_plan["device"]["peak"] <= device_limit and device_plan["host"]["peak"] <= limit:
+            return on_device, device_plan
     if plan["host"]["peak"] <= limit:
         return in_ram, plan
     on_disk = config.replaced(offload_activations="disk")
     return on_disk, plan_for(on_disk)
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """The free memory of the GPU a run computes on; None on the CPU or where no GPU is present."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def check_budget(plan: dict, config: PruneConfig) -> None:
@@ -220,6 +243,9 @@ def check_budget(plan: dict, config: PruneConfig) -> None:
                    else "try --true-sequential, a smaller --micro-batch-size or --seqlen"))
 
 
+STORE_WORDS = {"ram": "in RAM", "disk": "on disk", "device": "on the device"}
+
+
 def _gib(value: int) -> str:
     return f"{value / 2**30:.2f} GiB"
 
@@ -227,7 +253,7 @@ def _gib(value: int) -> str:
 def format_plan(plan: dict, model: str) -> str:
     lines = [f"memory plan for {model}: {plan['num_layers']} blocks, compute on {plan['device_type']} in "
              f"{plan['compute_dtype']} (stored {plan['stored_dtype']}); calibration activations "
-             f"{_gib(plan['activation_cache_bytes'])} {'in RAM' if plan['activation_store'] == 'ram' else 'on disk'}"]
+             f"{_gib(plan['activation_cache_bytes'])} {STORE_WORDS[plan['activation_store']]}"]
     for where in ("device", "host"):
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in plan[where].items() if k not in ("peak", "phase"))
         lines.append(f"  {where:<6} peak {_gib(plan[where]['peak']):>10} in {plan[where]['phase']}  ({parts})")

@@ -8,7 +8,7 @@ import time
 import torch
 
 from .hostmem import release_free_memory
-from .masks import chunk_elements, nm_valid, row_chunks
+from .masks import chunks_of, nm_holds
 
 
 def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None, written_as: torch.dtype | None = None) -> dict:
@@ -16,15 +16,20 @@ def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None, written_as: t
     `written_as` (a float32 weight too small for float16 is written as a zero), a chunk of rows at a time
     (no copy of the whole matrix is made)."""
     rows = weight.detach().reshape(-1, weight.shape[-1])
-    zeros, valid = 0, True
-    for chunk in row_chunks(*rows.shape, chunk_elements(rows.device.type)):
+    checks_nm = nm is not None and rows.shape[-1] % nm[1] == 0
+    # Counted on the weight's device and read once at the end: no host sync per chunk on a GPU.
+    nonzeros = torch.zeros((), dtype=torch.int64, device=rows.device)
+    valid = torch.ones((), dtype=torch.bool, device=rows.device)
+    for chunk in chunks_of(rows):
         part = rows[chunk].to(written_as) if written_as is not None else rows[chunk]
-        zeros += part.numel() - int(torch.count_nonzero(part))  # far faster than (w == 0).sum() on fp16
-        valid = valid and (nm is None or nm_valid(part, nm))
+        nonzeros += torch.count_nonzero(part)  # far faster than (w == 0).sum() on fp16
+        if checks_nm:
+            valid &= nm_holds(part, nm)
+    zeros = weight.numel() - int(nonzeros)
     stats = {"shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
              "sparsity": zeros / weight.numel()}
     if nm is not None:
-        stats["nm_valid"] = valid
+        stats["nm_valid"] = checks_nm and bool(valid)
     return stats
 
 

@@ -248,7 +248,7 @@ class StreamedModel:
         layer_kwargs: list[dict] = []
         for i in tqdm(range(len(windows)), desc=desc, disable=quiet, leave=False):
             hidden, layer_kwargs = self.capture(windows[i:i + 1])
-            out[i:i + 1] = hidden.to("cpu", out.dtype)
+            out[i:i + 1] = hidden.to(out.device, out.dtype)
         return layer_kwargs
 
     @torch.no_grad()

@@ -1,9 +1,13 @@
 """--overlap-io: the next block read and the last one written on helper threads, the same files."""
+import os
 import threading
+from collections import defaultdict
 
 import pytest
 
+from offload_prune import checkpoint
 from offload_prune.checkpoint import CheckpointReader, ShardLayout
+from offload_prune.durable import tensor_bytes
 from offload_prune.cli import main
 from offload_prune.overlap import Behind, ReadAhead
 
@@ -81,3 +85,30 @@ def test_read_ahead_reads_inline_when_another_key_is_asked():
     ahead.close()
     assert [c[0] for c in calls] == [("b",), ("c",), ("x",)]
     assert calls[0][1].startswith("read-ahead") and calls[2][1] == "MainThread"
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
+def test_a_read_asks_the_disk_for_exactly_its_tensors_bytes(model, monkeypatch):
+    """safetensors maps tensors without reading them, so a read-ahead thread would read nothing: it asks
+    the kernel for the tensors' bytes instead. The spans must be where the tensors lie, and the requests
+    must cover them and nothing else, in pieces the kernel reads whole."""
+    reader = CheckpointReader(str(model))
+    for name, (begin, end) in reader.spans.items():
+        with open(model / reader.weight_map[name], "rb") as f:
+            f.seek(begin)
+            assert f.read(end - begin) == bytes(tensor_bytes(reader.read([name])[name].contiguous()))
+    asked = defaultdict(list)
+    monkeypatch.setattr(checkpoint, "DISK_REQUEST_BYTES", 1000)  # this model's tensors span several pieces
+
+    def recording_fadvise(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED and 0 < length <= 1000
+        asked[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))].append((offset, offset + length))
+
+    monkeypatch.setattr(os, "posix_fadvise", recording_fadvise)
+    names = [n for n in reader.weight_map if n.startswith("model.layers.1.")]
+    reader.read(names)
+    wanted = defaultdict(set)
+    for name in names:
+        wanted[reader.weight_map[name]].update(range(*reader.spans[name]))
+    assert len(wanted) > 1  # the block lies in several shards
+    assert {shard: {b for begin, end in spans for b in range(begin, end)} for shard, spans in asked.items()} == wanted

@@ -185,6 +185,33 @@ def test_auto_activation_store_follows_the_memory_available(tiny_llama, tmp_path
     assert folder_digests(tmp_path / "auto") == folder_digests(tmp_path / "fixed")
 
 
+def test_auto_activation_store_takes_the_gpu_when_the_plan_fits_it(tiny_llama):
+    """On a GPU the cache moves from the host's plan to the device's; auto takes the device when that plan
+    fits its limit (--max-device-memory, else 90 % of its free memory) and the host's, then RAM, then disk."""
+    config = PruneConfig(model=str(tiny_llama), nsamples=64, seqlen=64, offload_activations="auto").validate()
+    model_config = LlamaConfig.from_pretrained(tiny_llama)
+
+    def plan_for(options, device_type="cuda"):
+        return memory_plan(options, model_config, device_type, process_bytes=PROCESS_BASELINE_BYTES)
+
+    ram, device = (plan_for(config.replaced(offload_activations=store)) for store in ("ram", "device"))
+    cache = ram["activation_cache_bytes"]
+    assert device["phases"]["prune"]["device"] == ram["phases"]["prune"]["device"] + cache
+    assert device["phases"]["prune"]["host"] == ram["phases"]["prune"]["host"] - cache + min(16 << 20, cache)
+    peak = device["device"]["peak"]
+    cases = [(dict(), None, "ram"), (dict(), 100 * GIB, "device"), (dict(), int(peak / 0.9) + 2, "device"),
+             (dict(), peak, "ram"), (dict(max_device_memory=peak), None, "device"),
+             (dict(max_device_memory=peak - 1), 100 * GIB, "ram"),
+             (dict(max_host_memory=device["host"]["peak"]), 100 * GIB, "device"),
+             (dict(max_host_memory=device["host"]["peak"] - 1), 100 * GIB, "disk")]
+    for limits, free, chosen in cases:
+        resolved, plan = resolve_activation_store(config.replaced(**limits), plan_for, free)
+        assert (resolved.offload_activations, plan["activation_store"]) == (chosen, chosen), (limits, free)
+    # on the CPU the device is the host: the cache stays in RAM
+    resolved, _ = resolve_activation_store(config, lambda options: plan_for(options, "cpu"), 100 * GIB)
+    assert resolved.offload_activations == "ram"
+
+
 def test_auto_activation_store_takes_the_host_limit_when_given(tiny_llama):
 
     config = PruneConfig(model=str(tiny_llama), nsamples=64, seqlen=64, offload_activations="auto").validate()

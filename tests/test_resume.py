@@ -282,3 +282,55 @@ def test_file_size_limit_then_resume(resume_model, prune_args, worker, uninterru
     code, printed = worker.run(*prune_args(resume_model, save))
     assert code == 0, printed
     assert folder_digests(save) == uninterrupted
+
+
+def test_checksums_summed_from_memory_equal_the_files_read_back(tmp_path):
+    """Shards and activation files record a CRC-32 computed from the bytes in memory, not by reading the
+    written file back: it must be the CRC of the file, or a resume would redo every block."""
+    import torch
+
+    from offload_prune import durable
+    from offload_prune.checkpoint import save_shard
+
+    torch.manual_seed(0)
+    tensors = {"layers.1.weight": torch.randn(7, 5, dtype=torch.bfloat16), "embed": torch.randn(10, 4)[3:],
+               "bias": torch.randn(3, dtype=torch.float16), "scale": torch.tensor(2.5, dtype=torch.float16),
+               "ids": torch.arange(9), "flags": torch.rand(6) > 0.5, "empty": torch.zeros(0, 4)}
+    assert tensors["embed"].storage_offset() == 12  # a view into a larger storage: only its own bytes count
+    crc = save_shard(tensors, tmp_path / "direct.safetensors")
+    assert crc is not None and crc == durable.checksum(tmp_path / "direct.safetensors").crc32
+    record = durable.write_file(tmp_path / "shard.safetensors", lambda tmp: save_shard(tensors, tmp))
+    assert record == durable.checksum(tmp_path / "shard.safetensors")
+    activations = torch.randn(2, 3, 4, dtype=torch.bfloat16)
+    record = durable.write_bytes(tmp_path / "acts.bin", durable.tensor_bytes(activations))
+    assert record == durable.checksum(tmp_path / "acts.bin") and record.size == activations.numel() * 2
+
+
+@pytest.mark.parametrize("first", ["device", "ram"])
+def test_device_store_resumes_identically(resume_model, prune_args, worker, uninterrupted, tmp_path, first):
+    """The device store (the compute device is the CPU here) persists and reopens through a host staging
+    buffer. Killed once block 2's inputs were persisted, by a run keeping them on the device or in RAM (the
+    files are the same), and resumed on the device: the uninterrupted RAM run's files."""
+    save = tmp_path / "out"
+    code, printed = worker.run(*prune_args(resume_model, save, "--offload-activations", first),
+                               env={"OFFLOAD_PRUNE_KILL_AT_STEP": "rename:acts_00002.bin"})
+    assert code == -9, printed
+    assert json.loads((save / ".offload-prune-run" / "manifest.json").read_text())["completed_blocks"] == 1
+    code, printed = worker.run(*prune_args(resume_model, save, "--offload-activations", "device"))
+    assert code == 0, printed
+    assert folder_digests(save) == uninterrupted
+
+
+def test_device_store_persists_and_reopens_through_a_small_staging_buffer(tmp_path, monkeypatch):
+    import torch
+
+    from offload_prune import activations, durable
+
+    monkeypatch.setattr(activations, "STAGING_BYTES", 1000)  # 3 x 7 x 24 bf16 = 1008 bytes: a full piece, 8 left
+    store = activations.ActivationStore(tmp_path, (3, 7, 24), torch.bfloat16, "device")
+    expected = torch.randn(3, 7, 24).to(torch.bfloat16)
+    store.create(0).copy_(expected)
+    record = store.commit(1)
+    assert store.path(1).read_bytes() == bytes(durable.tensor_bytes(expected))
+    assert record == durable.checksum(store.path(1))
+    assert torch.equal(activations.ActivationStore(tmp_path, (3, 7, 24), torch.bfloat16, "device").open(1), expected)

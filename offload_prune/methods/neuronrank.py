@@ -35,7 +35,7 @@ import math
 import torch
 
 from ..config import PruneConfig
-from ..masks import ScoreRows, chunk_elements, row_chunks, zero_lowest
+from ..masks import ScoreRows, chunks_of, zero_lowest
 from ..matrices import Matrix
 from ..neurons import InputMoments, MlpUnit, neuron_norms
 from .base import PruningMethod
@@ -275,7 +275,7 @@ class NeuronRank(PruningMethod):
         alpha = self.config.weight_exp
         column_norms = None
         if self.mode == "old" and axis == 1:  # neurons are columns: their norms span every row
-            chunks = row_chunks(*weight.shape, chunk_elements(weight.device.type))
+            chunks = chunks_of(weight)
             squares = sum(weight[rows].float().pow(2).sum(dim=0) for rows in chunks)
             column_norms = squares.sqrt()
 

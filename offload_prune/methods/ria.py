@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import chunk_elements, lowest_k, row_chunks
+from ..masks import chunks_of, lowest_k
 from ..matrices import Matrix
 from .wanda import Wanda
 
 
 def column_sums(weight: torch.Tensor) -> torch.Tensor:
-    chunks = row_chunks(*weight.shape, chunk_elements(weight.device.type))
+    chunks = chunks_of(weight)
     return sum(weight[rows].float().abs().sum(dim=0) for rows in chunks)
 
 
