@@ -1,6 +1,6 @@
 """The CUDA path, measured, in one command on any CUDA machine.
 
-    python bench/gpu.py                                   # every part below (~15-25 min on one H100)
+    python bench/gpu.py                                   # every part below (~20-30 min on one H100)
     python bench/gpu.py --parts 70b-block 7b-wanda        # some of them
     python bench/gpu.py --device cpu --layers 2 --nsamples 2 --seqlen 64 --width small   # a dry run anywhere
 
@@ -18,6 +18,10 @@ part already there is not run again, so a machine taken away halfway loses nothi
 - `7b-whole-wanda`, `7b-whole-sparsegpt`: the same work with the whole model on the GPU (from_pretrained,
   the layer-0 inputs kept on the GPU, the same method code layer by layer, save_pretrained), the
   in-memory baseline.
+- `7b-profile-wanda`, `7b-profile-sparsegpt`: two blocks of the 7B shape pruned under torch.profiler:
+  the operators taking the device's time (on the CPU, the host's), whole table in OUT/PART.txt. They
+  say whether a fused kernel is worth writing: only if the SparseGPT column loop or the mask selection
+  dominates.
 
 The checkpoints are written under --workdir (13 GiB for the 7B shape, 1.7 GiB for the 70B block).
 """
@@ -43,10 +47,13 @@ WIDTHS = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8),
     "small": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4),
 }
-#: part: (shape, method, activation store; None: the whole-model baseline)
+#: part: (shape, method, how: the activation store of a streamed run, "whole" for the whole-model
+#: baseline, "profile" for PROFILED_BLOCKS blocks under torch.profiler)
 PARTS = {"70b-block": ("70b", "sparsegpt", "ram"), "7b-wanda": ("7b", "wanda", "auto"),
          "7b-wanda-ram": ("7b", "wanda", "ram"), "7b-sparsegpt": ("7b", "sparsegpt", "auto"),
-         "7b-whole-wanda": ("7b", "wanda", None), "7b-whole-sparsegpt": ("7b", "sparsegpt", None)}
+         "7b-whole-wanda": ("7b", "wanda", "whole"), "7b-whole-sparsegpt": ("7b", "sparsegpt", "whole"),
+         "7b-profile-wanda": ("7b", "wanda", "profile"), "7b-profile-sparsegpt": ("7b", "sparsegpt", "profile")}
+PROFILED_BLOCKS = 2
 GIB = 2**30
 
 
@@ -60,11 +67,14 @@ def checkpoint(args, shape: str, layers: int) -> Path:
     return folder
 
 
+def prune_flags(args, model: Path, method: str, store: str) -> list[str]:
+    return ["--model", str(model), "--prune_method", method, "--calib-data", str(model / "demo.txt"),
+            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device,
+            "--offload-activations", store]
+
+
 def streamed(args, model: Path, method: str, store: str) -> dict:
-    report = run_offload_prune(["--model", str(model), "--prune_method", method, "--calib-data", str(model / "demo.txt"),
-                                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                                "--device", args.device, "--offload-activations", store],
-                               args.workdir / f"out-{model.name}-{method}-{store}")
+    report = run_offload_prune(prune_flags(args, model, method, store), args.workdir / f"out-{model.name}-{method}-{store}")
     plan = report["memory_plan"]
     return {"activation_store": plan["activation_store"], "wall_seconds": report["wall_seconds"],
             "phase_seconds": report["seconds"],
@@ -76,13 +86,38 @@ def streamed(args, model: Path, method: str, store: str) -> dict:
 
 def child(args) -> dict:
     """One part, in this (fresh) process."""
-    shape, method, store = PARTS[args.child]
+    shape, method, how = PARTS[args.child]
+    if how == "profile":
+        return profiled(args, checkpoint(args, shape, PROFILED_BLOCKS), method)
     model = checkpoint(args, shape, 1 if shape == "70b" else args.layers)
-    if store is None:
+    if how == "whole":
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         return whole_model_prune(model, args.workdir / f"out-{model.name}-whole", method,
                                  args.nsamples, args.seqlen, torch.device(args.device), dtype)
-    return streamed(args, model, method, store)
+    return streamed(args, model, method, how)
+
+
+def profiled(args, model: Path, method: str) -> dict:
+    """A run in this process under torch.profiler; the operators by their own (self) time on the device,
+    or on the host when computing on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from offload_prune.cli import main as offload_prune
+
+    cuda = args.device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
+        code = offload_prune([*prune_flags(args, model, method, "auto"), "--save",
+                              str(args.workdir / f"out-{model.name}-{method}-profiled"), "--overwrite", "--quiet"])
+    if code:
+        raise SystemExit(f"offload-prune exited {code}")
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = profiler.key_averages()
+    (args.out / f"{args.child}.txt").write_text(events.table(sort_by=key, row_limit=40))
+    total = sum(getattr(e, key) for e in events)
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:12]
+    return {"profiled_blocks": PROFILED_BLOCKS, "self_seconds_total": total / 1e6, "clock": "device" if cuda else "host",
+            "top_self_share": {e.key: round(getattr(e, key) / total, 4) for e in top},
+            "top_calls": {e.key: e.count for e in top}}
 
 
 def describe_device(device: str) -> str:
@@ -96,11 +131,20 @@ def summary(results: dict) -> str:
     lines = ["| part | activations | wall | per block | peak device reserved | device plan | peak host RSS | host plan |",
              "|---|---|---|---|---|---|---|---|"]
     for part, r in results.items():
+        if "top_self_share" in r:
+            continue  # printed apart, by profile()
         gib = lambda key: f"{r[key] / GIB:.2f} GiB" if r.get(key) is not None else "-"  # noqa: E731
         wall = r.get("wall_seconds", r.get("seconds"))
         per_block = f"{r['seconds_per_block']:.1f} s" if "seconds_per_block" in r else "-"
         lines.append(f"| {part} | {r.get('activation_store', 'whole model')} | {wall:.0f} s | {per_block} | {gib('peak_device_reserved')} | {gib('planned_device')} | "
                      f"{gib('peak_host_rss') if 'peak_host_rss' in r else gib('peak_rss')} | {gib('planned_host')} |")
+    return "\n".join(lines)
+
+
+def profile(result: dict) -> str:
+    lines = [f"{result['profiled_blocks']} blocks, {result['self_seconds_total']:.1f} s of {result['clock']} time; "
+             "operators by their own time:", "| operator | share | calls |", "|---|---|---|"]
+    lines += [f"| {name} | {share:.1%} | {result['top_calls'][name]} |" for name, share in result["top_self_share"].items()]
     return "\n".join(lines)
 
 
@@ -139,6 +183,8 @@ def main() -> None:
         print(f"{part}: done", flush=True)
         if "phases" in results[part]:
             print(results[part]["phases"] + "\n", flush=True)
+        if "top_self_share" in results[part]:
+            print(profile(results[part]) + "\n", flush=True)
     print(summary({p: results[p] for p in args.parts if p in results}))
 
 
