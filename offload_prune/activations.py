@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -69,12 +69,10 @@ class ActivationStore:
             self.tensor = self._mapped(path, shared=False)
         elif self.where == "device":
             self.tensor = self._empty()
-            flat, staging = durable.flat_bytes(self.tensor), self._staging()
             with open(path, "rb") as f:
-                for start in range(0, flat.numel(), staging.numel()):
-                    piece = staging[:min(staging.numel(), flat.numel() - start)]
-                    f.readinto(durable.tensor_bytes(piece))
-                    flat[start:start + piece.numel()].copy_(piece)
+                for host, device in self._staged(self.tensor):
+                    f.readinto(durable.tensor_bytes(host))
+                    device.copy_(host)
         else:
             self.tensor = self._empty()
             with open(path, "rb") as f:
@@ -86,8 +84,14 @@ class ActivationStore:
             return torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return self._host(self.shape, self.dtype)
 
-    def _staging(self) -> torch.Tensor:
-        return self._host((min(STAGING_BYTES, self.nbytes),), torch.uint8)
+    def _staged(self, tensor: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The device tensor's bytes a piece at a time: (one host staging buffer, reused; the piece's bytes
+        on the device)."""
+        flat = durable.flat_bytes(tensor)
+        staging = self._host((min(STAGING_BYTES, self.nbytes),), torch.uint8)
+        for start in range(0, flat.numel(), staging.numel()):
+            device = flat[start:start + staging.numel()]
+            yield staging[:device.numel()], device
 
     def _host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.pin:
@@ -125,12 +129,10 @@ class ActivationStore:
 
     def _write_staged(self, tmp: Path, filled: torch.Tensor) -> int:
         """The device cache's bytes into `tmp` a staging buffer at a time; their CRC-32."""
-        flat, staging, crc = durable.flat_bytes(filled), self._staging(), 0
+        crc = 0
         with open(tmp, "wb") as f:
-            for start in range(0, flat.numel(), staging.numel()):
-                piece = staging[:min(staging.numel(), flat.numel() - start)]
-                piece.copy_(flat[start:start + piece.numel()])  # waits for the device: the bytes are there
-                data = durable.tensor_bytes(piece)
+            for host, device in self._staged(filled):
+                data = durable.tensor_bytes(host.copy_(device))  # waits for the device: the bytes are there
                 f.write(data)
                 crc = zlib.crc32(data, crc)
         return crc

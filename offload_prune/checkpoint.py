@@ -64,15 +64,9 @@ class CheckpointReader:
         self.weight_map = self._read_weight_map()
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        self._check_shards()
         # Where each tensor's bytes lie in its shard: [begin, end) from the start of the file.
         self.spans: dict[str, tuple[int, int]] = {}
-        for shard in self.shard_files():
-            header_bytes, header = _header(self.folder / shard)
-            for name, entry in header.items():
-                if name != "__metadata__":
-                    begin, end = entry["data_offsets"]
-                    self.spans[name] = (8 + len(header_bytes) + begin, 8 + len(header_bytes) + end)
+        self._check_shards()
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.folder / INDEX_NAME
@@ -97,16 +91,21 @@ class CheckpointReader:
                                     f"({str(exc).splitlines()[0]}); truncated download?") from None
 
     def _check_shards(self) -> None:
-        """Every shard opens (safetensors checks the header against the file size) and holds its tensors."""
+        """Every shard opens (safetensors checks the header against the file size) and holds its tensors;
+        their shapes, dtypes and byte spans."""
         for shard, names in _by_shard(self.weight_map).items():
             with self._open(shard) as handle:
                 present = set(handle.keys())
+                header_bytes, header = _header(self.folder / shard)
+                data_start = 8 + len(header_bytes)
                 for name in names:
                     if name not in present:
                         raise OffloadPruneError(f"{self.folder / shard}: tensor {name} listed in the index is missing")
                     piece = handle.get_slice(name)
                     self.shapes[name] = tuple(piece.get_shape())
                     self.dtypes[name] = _SAFETENSORS_DTYPES[piece.get_dtype()]
+                    begin, end = header[name]["data_offsets"]
+                    self.spans[name] = (data_start + begin, data_start + end)
 
     def shard_files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))

@@ -51,6 +51,8 @@ TOKENIZE_BYTES_PER_TEXT_BYTE = 220
 #: Logits are computed for this many (position x vocabulary) entries at a time.
 LOGITS_CHUNK_ELEMENTS = 1 << 22
 PHASES = ("calibration", "capture", "prune", "write", "eval")
+#: How the plan's first line says where the activation cache is.
+STORE_WORDS = {"ram": "in RAM", "disk": "on disk", "device": "on the device"}
 
 
 def stored_dtype(model_config) -> torch.dtype:
@@ -241,9 +243,6 @@ def check_budget(plan: dict, config: PruneConfig) -> None:
                 f"over --max-{where}-memory {_gib(limit)} (largest part: {biggest} {_gib(parts[biggest])}); "
                 + ("try --offload-activations disk or fewer --nsamples" if where == "host"
                    else "try --true-sequential, a smaller --micro-batch-size or --seqlen"))
-
-
-STORE_WORDS = {"ram": "in RAM", "disk": "on disk", "device": "on the device"}
 
 
 def _gib(value: int) -> str:
