@@ -101,16 +101,20 @@ def other_weights(block: nn.Module, matrices: dict[str, Matrix]) -> dict[str, to
 
 
 # -- roles -------------------------------------------------------------------------------------
-def describe(block: nn.Module, matrices: dict[str, Matrix], probe: Callable[[], None] | None = None) -> None:
+def describe(block: nn.Module, matrices: dict[str, Matrix], probe: Callable[[], None] | None = None) -> bool:
     """Set kind, unit, position and stage of every matrix. `probe` runs the block's forward once
     (one calibration window); without it (the memory plan, on meta tensors) definition order and
-    names stand in for the call order and the attention module."""
+    names stand in for the call order and the attention module. Returns whether a probe saw every
+    matrix called (experts: their module), so that what was found follows from the block's code alone."""
     paths = {module: path for path, module in block.named_modules()}
     order: list[str] = []             # matrix names by first call
     inputs: dict[str, int] = {}       # matrix name -> index of the input tensor it read
     attention: set[str] = set()
     if probe is not None:
         order, inputs, attention = _observe_calls(block, matrices, paths, probe)
+    called = set(order)
+    every_call_seen = probe is not None and all(
+        (paths[m.module] if m.expert is not None else m.name) in called for m in matrices.values())
     if not order:
         order = list(matrices)
     if not attention:
@@ -140,6 +144,29 @@ def describe(block: nn.Module, matrices: dict[str, Matrix], probe: Callable[[], 
     if probe is None:  # stand-in for the inputs: a unit's "in" matrices read the same tensor
         inputs = {m.name: (m.unit, "in") for m in matrices.values() if m.position == "in" and m.kind != "router"}
     _assign_stages(matrices, rank, inputs, paths)
+    return every_call_seen
+
+
+class DescribedBlocks:
+    """`describe` once per kind of block. A block whose module paths and classes and whose matrices'
+    names and shapes equal those of a block probed before takes that block's roles and stages without
+    a probe of its own (one calibration window through the block: with few windows, a good part of
+    the block's compute). Only a probe that saw every matrix called is reused: where calls depend on
+    the input (experts as separate modules, some routed no token) each block is probed."""
+
+    def __init__(self) -> None:
+        self._roles: dict[tuple, dict[str, tuple[str, str, str, int]]] = {}
+
+    def describe(self, block: nn.Module, matrices: dict[str, Matrix], probe: Callable[[], None]) -> None:
+        key = (tuple((path, type(module)) for path, module in block.named_modules()),
+               tuple((name, tuple(m.weight.shape), m.expert) for name, m in matrices.items()))
+        roles = self._roles.get(key)
+        if roles is None:
+            if describe(block, matrices, probe):
+                self._roles[key] = {name: (m.kind, m.unit, m.position, m.stage) for name, m in matrices.items()}
+            return
+        for name, matrix in matrices.items():
+            matrix.kind, matrix.unit, matrix.position, matrix.stage = roles[name]
 
 
 def _named_attention(leaf: str) -> bool:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -40,7 +40,7 @@ from .overlap import Behind
 from .heads import heads_setting
 from .neurons import width_setting
 from .masks import zero_lowest
-from .matrices import Matrix, describe, find_matrices, observe, other_weights
+from .matrices import DescribedBlocks, Matrix, find_matrices, observe, other_weights
 from .plan import check_budget, device_free_bytes, memory_plan, per_rank, resolve_activation_store
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import FollowerState, RunState
@@ -103,6 +103,7 @@ class Run:
     config_changes: dict  # settings of the output's config.json known before the run (the shrunk MLP width)
     writer: Behind  # writes and commits a pruned block while the next one computes
     ranks: Ranks  # the torchrun processes sharing the calibration windows (one by default)
+    described: DescribedBlocks = field(default_factory=DescribedBlocks)  # roles probed once per kind of block
 
     def block_sparsity(self, index: int) -> float:
         return (self.given_sparsities or self.state.manifest["layer_sparsity"])[index]
@@ -491,7 +492,7 @@ def _dense_pass(run: Run, key: str, desc: str, start_measuring) -> list[dict]:
 
 def _start_outliers(run: Run, index: int, block: nn.Module, layer_kwargs: dict, inputs: torch.Tensor):
     matrices = find_matrices(block)
-    describe(block, matrices, probe=lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, run.device))
+    run.described.describe(block, matrices, lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, run.device))
     chosen = selected_matrices(matrices, index, run.streamed.num_layers, run.config)
     counter = OutlierCounter()
 
@@ -525,7 +526,7 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     config, device = run.config, run.device
     block = run.streamed.load_block(index)
     matrices = find_matrices(block)
-    describe(block, matrices, probe=lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
+    run.described.describe(block, matrices, lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
     chosen = selected_matrices(matrices, index, run.streamed.num_layers, config)
     sparsity = run.block_sparsity(index)
     method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs, sparsity) if chosen else {}

@@ -175,6 +175,64 @@ def test_true_sequential_follows_the_call_order_of_fused_projections(family_chec
                                            "mlp.down_proj")] == ["in", "out", "in", "out"]
 
 
+def roles_of(matrices):
+    return {n: (m.kind, m.unit, m.position, m.stage) for n, m in matrices.items()}
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "jamba"])
+def test_blocks_alike_take_the_roles_of_the_first_without_a_probe(family_checkpoint, family):
+    """Each block's roles and stages from its own probe equal those `DescribedBlocks` gives it; blocks
+    alike in structure are probed once (gpt-oss's alternate sliding and full attention layers too).
+    Jamba's two blocks differ (Mamba, attention + experts): two probes."""
+    from offload_prune.checkpoint import CheckpointReader
+    from offload_prune.matrices import DescribedBlocks, describe, find_matrices
+    from offload_prune.skeleton import StreamedModel, run_windows
+    folder = family_checkpoint(family)
+    cpu = torch.device("cpu")
+    streamed = StreamedModel(CheckpointReader(str(folder)), cpu, torch.float32)
+    streamed.load_outside(with_head=False)
+    hidden, layer_kwargs = streamed.capture(windows_of(folder)[:1])  # the kwargs of one window
+    described, probes = DescribedBlocks(), []
+    for index in range(streamed.num_layers):
+        block = streamed.load_block(index)
+        own = find_matrices(block)
+        describe(block, own, probe=lambda: run_windows(block, layer_kwargs[index], hidden, None, 1, cpu))
+        shared = find_matrices(block)
+        described.describe(block, shared, lambda: probes.append(index) or run_windows(
+            block, layer_kwargs[index], hidden, None, 1, cpu))
+        assert roles_of(shared) == roles_of(own), (family, index)
+        run_windows(block, layer_kwargs[index], hidden, hidden, 1, cpu)
+        streamed.unload_block(index)
+    assert probes == ([0] if family != "jamba" else [0, 1])
+
+
+def test_a_block_whose_probe_missed_a_matrix_is_probed_again():
+    """A matrix the probe never saw called (an expert routed no token, a projection read as a weight)
+    means the roles may depend on the input: they are not reused."""
+    from offload_prune.matrices import DescribedBlocks, find_matrices
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down, self.spare = (torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x, calls):
+            return self.down(sum(getattr(self, name)(x) for name in calls))
+
+    described, probes = DescribedBlocks(), []
+    for calls in (["up"], ["up"], ["spare", "up"]):
+        block = Block()
+        matrices = find_matrices(block)
+        described.describe(block, matrices, lambda: probes.append(calls) or block(torch.ones(1, 8), calls))
+        assert [matrices[name].stage for name in (*calls, "down")] == [0] * len(calls) + [1]
+    assert probes == [["up"], ["up"], ["spare", "up"]]
+    # Every matrix called: the next block alike takes its roles, not probed.
+    alike = Block()
+    matrices = find_matrices(alike)
+    described.describe(alike, matrices, lambda: probes.append("again"))
+    assert probes[-1] != "again" and [matrices[name].stage for name in ("spare", "up", "down")] == [0, 0, 1]
+
+
 def test_selection_flags_mean_the_same_on_opt(family_checkpoint, tmp_path):
     report = run(family_checkpoint("opt"), tmp_path / "out", "wanda", nr_include_attention=False)
     assert sorted(n.rsplit(".", 1)[-1] for n in report["modules"]) == ["fc1", "fc1", "fc2", "fc2"]
