@@ -48,7 +48,7 @@ def statistics_time(model: Path, args, share: bool) -> dict[str, float]:
     from offload_prune.config import PruneConfig
     from offload_prune.methods.sparsegpt import SparseGPT
     from offload_prune.matrices import describe, find_matrices
-    from offload_prune.pipeline import _collect
+    from offload_prune.passes import collect
     from offload_prune.skeleton import StreamedModel
 
     device = torch.device(args.device)
@@ -77,7 +77,7 @@ def statistics_time(model: Path, args, share: bool) -> dict[str, float]:
     method.add_batch = timed
     matrices = find_matrices(block)
     describe(block, matrices)
-    _collect(method, block, matrices, kwargs, x, options, device)
+    collect(method, block, matrices, kwargs, x, options, device)
     return spent
 
 

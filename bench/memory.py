@@ -8,6 +8,7 @@ Wanda repository does), then save_pretrained. Both compute in float32 on the CPU
     python bench/memory.py                       # 0.5, 1, 2, 4 GB
     python bench/memory.py --sizes-gb 0.5 1      # quicker
     python bench/memory.py --sizes-gb 2 --repeats 3   # the --overlap-io goal: streaming vs whole model
+                                                      # (the fastest of 3 in the table, every run below it)
     python bench/memory.py --sizes-gb 2 --repeats 3 --cold-cache   # the same, the checkpoint read from the disk
 
 Streaming runs twice per size: with --overlap-io (the default: the next block read and the last one
@@ -65,7 +66,7 @@ def whole_model_prune(model: Path, save: Path, method_name: str, nsamples: int, 
     from offload_prune.config import PruneConfig
     from offload_prune.methods import build_method
     from offload_prune.matrices import describe, find_matrices
-    from offload_prune.pipeline import _collect
+    from offload_prune.passes import collect
     from offload_prune.skeleton import run_windows
 
     start = time.perf_counter()
@@ -100,7 +101,7 @@ def whole_model_prune(model: Path, save: Path, method_name: str, nsamples: int, 
             members = {n: matrices[n] for n in group}
             for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
                 method.start_pass(calibration_pass)
-                _collect(method, layer, members, kwargs, hidden, config, device)
+                collect(method, layer, members, kwargs, hidden, config, device)
             method.prune(members, config.sparsity_ratio)
         run_windows(layer, kwargs, hidden, hidden, 1, device)
     pruned = time.perf_counter()
@@ -206,6 +207,9 @@ def main() -> None:
             row += (f" {whole['peak_rss'] / 2**30:.2f} GiB | {whole['seconds']:.0f} s | "
                     f"{streamed['seconds'] / whole['seconds']:.2f} |")
         print(row, flush=True)
+        if args.repeats > 1:  # the spread between runs of one build, beside the fastest
+            print("  every run: " + "; ".join(f"{mode} " + " ".join(f"{r['seconds']:.1f}" for r in results)
+                                              for mode, results in runs.items()) + " s", flush=True)
 
 
 if __name__ == "__main__":

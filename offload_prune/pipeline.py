@@ -5,6 +5,10 @@ collect the method's statistics, prune, run the windows again through the pruned
 outputs feed the next block, as SparseGPT and Wanda propagate), write the block's shards,
 persist the next inputs and the manifest -> copy the tensors outside the blocks, index, config
 and tokenizer files -> report (and perplexity, streamed the same way).
+
+Here: the run set up, and the phases of a pruning run (OWL's dense pass, the blocks pruned, the
+report). What every phase shares is passes.py's (`Run`, capture, the dense pass); what is written
+besides the blocks, output.py's; a run that removes blocks instead, removal_pass.py's.
 """
 from __future__ import annotations
 
@@ -12,22 +16,19 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import transformers
-from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from . import __version__, durable
 from .activations import ActivationStore
-from .block_removal import (AngularWindow, InfluenceMeter, check_blocks_expressed, check_removal_count,
-                            config_without_blocks, contiguous_run, lowest_influence, removal_for_budget, renumbered)
+from .block_removal import check_removal_count
 from .calibration import calibration_windows
-from .checkpoint import INDEX_NAME, CheckpointReader, ShardLayout, side_files
+from .checkpoint import CheckpointReader
 from .config import OffloadPruneError, PruneConfig
 from .diskspace import check_disk_space, disk_full_message
 from .distributed import Ranks
@@ -35,20 +36,22 @@ from .durable import DiskFullError
 from .evaluate import evaluation_windows, perplexity
 from .hostmem import collector_sees_only_new_objects, keep_large_allocations_mmapped, release_free_memory
 from .layer_sparsity import OutlierCounter, owl_ratios, ratios_from_file
+from .lm_head import LmHead
 from .methods import PruningMethod, build_method
+from .output import output_layout, write_outside
 from .overlap import Behind
 from .heads import heads_setting
 from .neurons import width_setting
 from .masks import zero_lowest
-from .matrices import DescribedBlocks, Matrix, find_matrices, observe, other_weights
+from .matrices import Matrix, find_matrices, observe, other_weights
+from .passes import LAYER_KWARGS, Run, advance_inputs, capture, collect, dense_pass
 from .plan import check_budget, device_free_bytes, memory_plan, per_rank, resolve_activation_store
+from .removal_pass import remove_blocks, removal_report
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import FollowerState, RunState
 from .selection import selected_matrices
-from .skeleton import StreamedModel, build_skeleton, run_windows
+from .skeleton import StreamedModel, run_windows
 
-LAYER_KWARGS = "layer_kwargs.pt"
-ANGULAR_STATES = "angular_{:05d}.pt"  # last-token states of the latest block boundaries (shortgpt --angular)
 REPORT_NAME = "report.json"
 
 
@@ -84,29 +87,6 @@ def load_tokenizer(folder):
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
         raise OffloadPruneError(f"{folder}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
-
-
-@dataclass
-class Run:
-    """Everything one pruning run works with, made once by `prune` and handed to each phase."""
-    config: PruneConfig
-    reader: CheckpointReader
-    device: torch.device
-    streamed: StreamedModel
-    method: PruningMethod
-    state: RunState
-    layout: ShardLayout
-    store: ActivationStore
-    head: "LmHead | None"
-    meter: PhaseMeter
-    given_sparsities: list[float] | None  # per block, before any block is pruned (None: OWL measures them)
-    config_changes: dict  # settings of the output's config.json known before the run (the shrunk MLP width)
-    writer: Behind  # writes and commits a pruned block while the next one computes
-    ranks: Ranks  # the torchrun processes sharing the calibration windows (one by default)
-    described: DescribedBlocks = field(default_factory=DescribedBlocks)  # roles probed once per kind of block
-
-    def block_sparsity(self, index: int) -> float:
-        return (self.given_sparsities or self.state.manifest["layer_sparsity"])[index]
 
 
 def prune(config: PruneConfig) -> dict:
@@ -165,7 +145,7 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
     else:
         given_sparsities = ratios_from_file(config.layer_sparsity, streamed.num_layers)
     head = LmHead(streamed) if config.nr_prune_lm_head else None
-    layout = _output_layout(streamed, head)
+    layout = output_layout(streamed, head)
     activation_shape = (len(windows), config.seqlen, reader.config.hidden_size)
     activation_bytes = math.prod(activation_shape) * dtype.itemsize
     check_disk_space(config.save, layout, activation_bytes)
@@ -250,12 +230,12 @@ def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
               file=sys.stderr)
     with collector_sees_only_new_objects():  # the collection after each block then costs little
         if run.method.removes_blocks:
-            _remove_blocks(run, windows)
+            remove_blocks(run, windows)
         else:
             _prune_blocks(run, windows)
     if not state.manifest["finalized"] and run.ranks.lead:
         with meter("write"):
-            _write_outside(run)
+            write_outside(run)
 
 
 def _prune_blocks(run: Run, windows: torch.Tensor) -> None:
@@ -263,12 +243,12 @@ def _prune_blocks(run: Run, windows: torch.Tensor) -> None:
     if run.given_sparsities is None and state.manifest["layer_sparsity"] is None:
         if not state.manifest["captured"]:
             with meter("capture"):
-                _capture(run, windows)
+                capture(run, windows)
         with meter("owl"):
             _measure_outliers(run)
     if not state.manifest["captured"]:
         with meter("capture"):
-            _capture(run, windows)
+            capture(run, windows)
     num_layers = run.streamed.num_layers
     if state.completed_blocks < num_layers:
         layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
@@ -278,73 +258,6 @@ def _prune_blocks(run: Run, windows: torch.Tensor) -> None:
                               initial=state.completed_blocks, total=num_layers):
                 inputs = _prune_block(run, index, layer_kwargs[index], inputs)
             run.writer.wait()
-
-
-def _remove_blocks(run: Run, windows: torch.Tensor) -> None:
-    """ShortGPT: each block's influence from a dense pass, the blocks to remove, then the others copied
-    unchanged under their new numbers, one committed stage per block."""
-    state, meter, streamed = run.state, run.meter, run.streamed
-    if state.manifest["removed_blocks"] is None:
-        if not state.manifest["captured"]:
-            with meter("capture"):
-                _capture(run, windows)
-        with meter("influence"):
-            measured = _dense_pass(run, "influence", "shortgpt: block influence", _start_influence)
-        influence = [m["influence"] for m in measured]
-        if run.config.angular:
-            removed = contiguous_run(_angular_by_start(run), run.config.blocks_to_remove)
-        elif run.config.param_budget is None:
-            removed = lowest_influence(influence, run.config.blocks_to_remove)
-        else:
-            removed = removal_for_budget(influence, [_block_params(run, i) for i in range(streamed.num_layers)],
-                                         sum(math.prod(shape) for shape in run.reader.shapes.values()),
-                                         run.config.param_budget)
-        _output_config(run, removed)  # refuses here, before any output, if config.json cannot say it
-        run.store.release()
-        state.commit(run_files={}, removed_blocks=removed, captured=False)
-    kept = _kept_blocks(run)
-    run.layout = _output_layout(streamed, run.head, kept)
-    if state.completed_blocks < len(kept):
-        with meter("copy"):
-            for new in tqdm(range(state.completed_blocks, len(kept)), desc="blocks kept", disable=run.config.quiet,
-                            initial=state.completed_blocks, total=len(kept)):
-                old = kept[new]
-                tensors = run.reader.read(streamed.block_names(old))
-                renamed = {renumbered(name, old, new): tensor for name, tensor in tensors.items()}
-                outputs = run.layout.write_unit(1 + new, state.save, renamed)
-                state.commit(outputs=outputs, stage=new, completed_blocks=new + 1)
-
-
-def _kept_blocks(run: Run) -> list[int]:
-    removed = set(run.state.manifest["removed_blocks"] or ())
-    return [i for i in range(run.streamed.num_layers) if i not in removed]
-
-
-def _block_params(run: Run, index: int) -> int:
-    return sum(math.prod(run.reader.shapes[name]) for name in run.streamed.block_names(index))
-
-
-def _start_influence(run: Run, index: int, block: nn.Module, layer_kwargs: dict, inputs: torch.Tensor):
-    meter = InfluenceMeter()
-
-    def result() -> tuple[dict, dict]:
-        measured = meter.result()
-        if not run.config.angular:
-            return measured, {}
-        states = (torch.load(run.state.dir / ANGULAR_STATES.format(index - 1), weights_only=True)
-                  if index > 0 else {})
-        window = AngularWindow(run.config.blocks_to_remove, states)
-        measured["angular"] = window.advance(index, torch.cat(meter.last_in), torch.cat(meter.last_out))
-        name = ANGULAR_STATES.format(index)
-        return measured, {name: durable.write_file(run.state.dir / name, lambda tmp: torch.save(window.states, tmp))}
-
-    return [meter.attach(block)], result
-
-
-def _angular_by_start(run: Run) -> list[float | None]:
-    """Angular distance of removing blocks l .. l + n - 1, by l (measured when block l + n - 1 ran)."""
-    measured, span = run.state.manifest["influence"], run.config.blocks_to_remove
-    return [measured[start + span - 1]["angular"] for start in range(len(measured) - span + 1)]
 
 
 def _already_finished(state: RunState, config: PruneConfig) -> dict:
@@ -373,14 +286,7 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
     }
     if run.method.removes_blocks:
         report["target_sparsity"] = None
-        removed = state.manifest["removed_blocks"]
-        total = sum(math.prod(shape) for shape in run.reader.shapes.values())
-        report["block_removal"] = {
-            "influence": [m["influence"] for m in state.manifest["influence"]], "removed": removed,
-            "blocks_before": run.streamed.num_layers, "blocks_after": run.streamed.num_layers - len(removed),
-            "params_before": total, "params_after": total - sum(_block_params(run, i) for i in removed),
-            "rule": "angular distance" if config.angular else "block influence",
-            **({"angular_distance": _angular_by_start(run)} if config.angular else {})}
+        report["block_removal"] = removal_report(run)
         del report["layer_sparsity"]
     if config.sparsity_type == "structured":
         widths = {m["neurons"]: m["neurons_kept"] for m in state.modules.values() if "neurons" in m}
@@ -412,84 +318,6 @@ def _evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, 
     return report
 
 
-def _output_layout(streamed: StreamedModel, head: "LmHead | None", kept: list[int] | None = None) -> ShardLayout:
-    """Unit 0: the tensors outside the blocks; unit 1 + j: output block j (input block kept[j], all by
-    default), under its new number."""
-    reader = streamed.reader
-    nbytes = {n: reader.nbytes(n) for n in streamed.outside_names}
-    outside_names = list(streamed.outside_names)
-    if head and head.name not in reader.weight_map:  # tied: the pruned head becomes a tensor of its own
-        outside_names.append(head.name)
-        nbytes[head.name] = reader.nbytes(head.source)
-    units = [outside_names]
-    for new, old in enumerate(range(streamed.num_layers) if kept is None else kept):
-        names = {renumbered(n, old, new) if new != old else n: n for n in streamed.block_names(old)}
-        nbytes.update({name: reader.nbytes(source) for name, source in names.items()})
-        units.append(list(names))
-    return ShardLayout(units, nbytes, reader.max_shard_bytes())
-
-
-def _capture(run: Run, windows: torch.Tensor) -> None:
-    """Layer-0 inputs of every calibration window and each layer's keyword arguments, made durable.
-    The keyword arguments are kept on the CPU, so a resume may compute on another device."""
-    run.streamed.load_outside(with_head=False)
-    layer0_inputs = run.store.create(0)
-    layer_kwargs = run.streamed.capture_into(windows, layer0_inputs, run.config.quiet, "calibration: embed")
-    run.streamed.unload_outside()
-    on_cpu = send_to_device(layer_kwargs, "cpu")
-    inputs = _advance_inputs(run, 0)()
-    kwargs_record = (durable.write_file(run.state.dir / LAYER_KWARGS, lambda tmp: torch.save(on_cpu, tmp))
-                     if run.ranks.lead else None)
-    run.state.commit(run_files={LAYER_KWARGS: kwargs_record, **inputs}, captured=True)
-    run.ranks.barrier()  # every rank reads the keyword arguments rank 0 wrote
-
-
-def _advance_inputs(run: Run, index: int) -> Callable[[], dict[str, durable.FileRecord]]:
-    """The outputs just made become the inputs of block `index`; returns what makes them durable and
-    names them for the manifest. In one process it does so when called (on the writer thread, maybe).
-    Across ranks every rank persists its share now, after a barrier (rank 0's previous commit is over:
-    it deletes the run files it does not name), and rank 0 names them all."""
-    persist = run.store.advance()
-    if run.ranks.world == 1:
-        return lambda: {run.store.name(index): persist(index)}
-    run.ranks.barrier()
-    records = dict(run.ranks.gather((run.store.name(index), persist(index))))
-    return lambda: records
-
-
-def _dense_pass(run: Run, key: str, desc: str, start_measuring) -> list[dict]:
-    """The calibration windows through the dense blocks, one measurement per block (manifest field
-    `key`), committed block by block like the pruning pass: a crash resumes at the next block.
-    `start_measuring(run, index, block, layer_kwargs, inputs)` hooks the block and returns the hooks
-    and a function giving, once the windows have run, the block's measurement and any run files
-    (name: record) it wrote for the blocks after it."""
-    config, state, streamed = run.config, run.state, run.streamed
-    measured = state.manifest[key]
-    layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
-    inputs = run.store.open(len(measured)) if len(measured) < streamed.num_layers else None  # None: all measured
-    for index in tqdm(range(len(measured), streamed.num_layers), desc=desc, disable=config.quiet,
-                      initial=len(measured), total=streamed.num_layers):
-        block = streamed.load_block(index)
-        handles, result = start_measuring(run, index, block, layer_kwargs[index], inputs)
-        last = index + 1 == streamed.num_layers
-        try:
-            run_windows(block, layer_kwargs[index], inputs, None if last else run.store.output_buffer(index + 1),
-                        config.micro_batch_size, run.device)
-        finally:
-            for handle in handles:
-                handle.remove()
-        measurement, extra_files = result()
-        measured = [*measured, measurement]
-        run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS), **extra_files}
-        if not last:
-            run_files.update(_advance_inputs(run, index + 1)())
-        state.commit(run_files=run_files, **{key: measured})
-        streamed.unload_block(index)
-        release_free_memory()
-        inputs = run.store.tensor
-    return measured
-
-
 def _start_outliers(run: Run, index: int, block: nn.Module, layer_kwargs: dict, inputs: torch.Tensor):
     matrices = find_matrices(block)
     run.described.describe(block, matrices, lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, run.device))
@@ -510,7 +338,7 @@ def _measure_outliers(run: Run) -> None:
     sparsities, and the calibration capture is redone for the pruning pass (the dense activations
     are not its inputs)."""
     config, state, streamed = run.config, run.state, run.streamed
-    measured = _dense_pass(run, "outliers", "owl: outliers (dense)", _start_outliers)
+    measured = dense_pass(run, "outliers", "owl: outliers (dense)", _start_outliers)
     pruned = [i for i, m in enumerate(measured) if m["weights"]]
     ratios = owl_ratios([measured[i]["outlier_ratio"] for i in pruned], [measured[i]["weights"] for i in pruned],
                         config.sparsity_ratio, config.owl_lambda)
@@ -536,7 +364,7 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     run.writer.wait()
     if not last:  # the last block's outputs feed nothing
         run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device)
-    next_inputs = dict if last else _advance_inputs(run, index + 1)
+    next_inputs = dict if last else advance_inputs(run, index + 1)
     if run.ranks.lead:  # the other ranks write nothing and report nothing
         _commit_behind(run, index, block, matrices, chosen, method_info, next_inputs)
     run.streamed.unload_block(index)
@@ -582,7 +410,7 @@ def _prune_matrices(run: Run, block: nn.Module, chosen: dict[str, Matrix], layer
         tokens: dict[str, int] = {}
         for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
             method.start_pass(calibration_pass)
-            _collect(method, block, members, layer_kwargs, inputs, config, device,
+            collect(method, block, members, layer_kwargs, inputs, config, device,
                      tokens if calibration_pass == 0 else None)
         if run.ranks.world > 1 and method.needs_calibration:
             tokens = run.ranks.sum_counts(tokens, list(members))
@@ -638,79 +466,3 @@ def _prune_by_magnitude(method: PruningMethod, starved: dict[str, Matrix], token
                 "fallback": "few routed tokens" if m.expert is not None else "never fed"} for n, m in starved.items()}
 
 
-def _write_outside(run: Run) -> None:
-    """Tensors outside the blocks (copied, or the pruned head), index, config/tokenizer files."""
-    reader, head, state = run.reader, run.head, run.state
-    outside = reader.read(run.streamed.outside_names)
-    modules = dict(state.modules)
-    if head:
-        outside[head.name] = head.prune(reader.read([head.source])[head.source], run.config, run.device)
-        modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude",
-                              "kind": "lm_head"}
-    outputs = run.layout.write_unit(0, state.save, outside)
-    _, total_bytes = run.layout.written_totals(state.save)
-    outputs[INDEX_NAME] = durable.write_text(state.save / INDEX_NAME, run.layout.index_text(total_bytes))
-    for path in side_files(reader.folder):
-        if path.name == "config.json" and (head and head.name != head.source or run.method.removes_blocks
-                                           or run.config_changes):
-            text = json.dumps(_output_config(run, state.manifest["removed_blocks"]), indent=2) + "\n"
-            outputs[path.name] = durable.write_text(state.save / path.name, text)
-        else:
-            outputs[path.name] = durable.copy_file(path, state.save / path.name)
-    state.commit(outputs=outputs, stage=run.streamed.num_layers, run_files={}, finalized=True, modules=modules)
-
-
-class LmHead:
-    """The output projection, pruned by magnitude at the end (--nr-prune-lm-head). A tied head has no
-    tensor of its own: it is read from the embedding and written as a new tensor."""
-
-    def __init__(self, streamed: StreamedModel):
-        model = streamed.model
-        paths = {module: path for path, module in model.named_modules()}
-        head = paths[model.get_output_embeddings()] + ".weight"
-        embedding = paths[model.get_input_embeddings()] + ".weight"
-        own = streamed.checkpoint_name(head)  # GPT-NeoX stores its head as embed_out
-        if own is None and streamed.checkpoint_name(embedding) is None:
-            raise OffloadPruneError(f"--nr-prune-lm-head: {head} is not stored as one tensor in this checkpoint")
-        self.name = own or head
-        self.source = own or streamed.checkpoint_name(embedding)
-
-    @torch.no_grad()
-    def prune(self, weight: torch.Tensor, config: PruneConfig, device: torch.device) -> torch.Tensor:
-        """In place on the stored (CPU) tensor; scores made on the compute device a chunk at a time."""
-        zero_lowest(weight, lambda rows: weight[rows].to(device, torch.float32).abs(), config.sparsity_ratio,
-                    config.nm, per_row=False, scores_on=device)
-        return weight
-
-
-def _output_config(run: Run, removed: list[int] | None) -> dict:
-    """config.json of the output: the head untied when it was pruned apart from a tied embedding; the
-    blocks that remain, when blocks were removed (checked against what transformers builds from it)."""
-    config = json.loads((run.reader.folder / "config.json").read_text())
-    if run.head and run.head.name != run.head.source:
-        config["tie_word_embeddings"] = False
-    if removed:
-        kept = [i for i in range(run.streamed.num_layers) if i not in set(removed)]
-        edited = config_without_blocks(config, run.reader.config, kept)
-        _, _, new_layers = build_skeleton(type(run.reader.config).from_dict(edited))
-        check_blocks_expressed(run.streamed.layers, new_layers, kept,
-                               [k for k in edited if k != "num_hidden_layers" and edited[k] != config.get(k)])
-        config = edited
-    return {**config, **run.config_changes}
-
-
-def _collect(method, block: nn.Module, matrices: dict[str, Matrix], kwargs: dict, inputs: torch.Tensor,
-             config: PruneConfig, device: torch.device, tokens: dict[str, int] | None = None) -> None:
-    """One pass of the calibration windows through the block with the method's statistics hooked in;
-    `tokens` (when given) counts the tokens each matrix saw (an expert: those routed to it)."""
-    def observe_batch(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        if tokens is not None:
-            tokens[name] = tokens.get(name, 0) + x.numel() // x.shape[-1]
-        method.add_batch(name, x, y)
-
-    handles = observe(matrices, observe_batch, method.weights_by_router)
-    try:
-        run_windows(block, kwargs, inputs, None, config.micro_batch_size, device)
-    finally:
-        for handle in handles:
-            handle.remove()

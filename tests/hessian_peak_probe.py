@@ -14,7 +14,7 @@ from offload_prune.config import PruneConfig
 from offload_prune.hostmem import keep_large_allocations_mmapped
 from offload_prune.methods import build_method
 from offload_prune.matrices import describe, find_matrices
-from offload_prune.pipeline import _collect
+from offload_prune.passes import collect
 
 
 def status():
@@ -46,11 +46,11 @@ def main(method_name: str, true_sequential: bool, hessian_dtype: str) -> None:
         describe(spare, spare_linears)
         mlp = {n: m for n, m in spare_linears.items() if n.startswith("mlp.")}
         warm_up.groups(mlp)
-        _collect(warm_up, spare, mlp, kwargs, x, options, cpu)
+        collect(warm_up, spare, mlp, kwargs, x, options, cpu)
         with torch.no_grad():
             warm_up.prune(mlp, options.sparsity_ratio)
     else:
-        _collect(warm_up, block, {"mlp.down_proj": linears["mlp.down_proj"]}, kwargs, x, options, cpu)
+        collect(warm_up, block, {"mlp.down_proj": linears["mlp.down_proj"]}, kwargs, x, options, cpu)
         with torch.no_grad():
             warm_up.prune({"mlp.down_proj": torch.nn.Linear(4096, 2048)}, options.sparsity_ratio)
 
@@ -60,7 +60,7 @@ def main(method_name: str, true_sequential: bool, hessian_dtype: str) -> None:
     planned = method.memory_bytes(linears, torch.float32, "cpu")
     held, peak = 0, 0
     for group in method.groups(linears):
-        _collect(method, block, {n: linears[n] for n in group}, kwargs, x, options, cpu)
+        collect(method, block, {n: linears[n] for n in group}, kwargs, x, options, cpu)
         statistics = (sum(m.gram.nbytes + m.sums.nbytes + m.squares.nbytes for m in method.moments.values())
                       if structured else sum(h.nbytes for h in method.hessians.values()))
         held = max(held, statistics)
