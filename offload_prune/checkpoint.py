@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoConfig, PretrainedConfig
 
 from . import durable
@@ -181,11 +180,14 @@ def _by_shard(weight_map: dict[str, str]) -> dict[str, list[str]]:
         groups[shard].append(name)
     return dict(groups)
 
+#: In the order safetensors lays tensors out in a file (widest elements first; ties in its own order).
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "I32": torch.int32, "BF16": torch.bfloat16,
+    "F16": torch.float16, "I16": torch.int16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES.values())}
 
 
 class ShardLayout:
@@ -243,23 +245,30 @@ class ShardLayout:
         return numel, nbytes
 
 
-def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int | None:
-    """Write a safetensors file and return its CRC-32 without reading the tensors back: a safetensors file
-    is an 8-byte header size, the JSON header, then every tensor's bytes with no gap, in the order of their
-    offsets; the header is read back (a few KiB) and the tensors' bytes are summed from memory. None when
-    the file is not laid out so (durable.write_file then reads it back)."""
-    save_file(tensors, path, metadata={"format": "pt"})
-    header, parsed = _header(path)
-    crc = zlib.crc32(header, zlib.crc32(len(header).to_bytes(8, "little")))
-    entries = {name: entry for name, entry in parsed.items() if name != "__metadata__"}
-    end = 0
-    for name in sorted(entries, key=lambda n: entries[n]["data_offsets"]):
-        data = durable.tensor_bytes(tensors[name])
-        begin, stop = entries[name]["data_offsets"]
-        if (begin, stop) != (end, end + data.nbytes):  # not the layout summed here: let the file be read back
-            return None
-        crc = zlib.crc32(data, crc)
-        end = stop
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
+    """Write a safetensors file and return its CRC-32, summed from the bytes as they are written: nothing
+    is read back, and each tensor's bytes go to the file straight from its memory (safetensors' own
+    save_file first copies them all into one buffer). The layout is safetensors': an 8-byte
+    little-endian header size, the JSON header padded with spaces to 8 bytes, then the tensors' bytes
+    with no gap in safetensors' order (by dtype, the widest elements first, so each tensor starts at a
+    multiple of its element size; then by name): the bytes safetensors would write."""
+    order = sorted(tensors, key=lambda name: (_LAYOUT_RANK[tensors[name].dtype], name))
+    entries, offset = {}, 0
+    for name in order:
+        tensor = tensors[name]
+        entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    start = len(header).to_bytes(8, "little") + header
+    with open(path, "wb") as f:
+        f.write(start)
+        crc = zlib.crc32(start)
+        for name in order:
+            data = durable.tensor_bytes(tensors[name].contiguous())  # a copy only of a strided view, one at a time
+            f.write(data)
+            crc = zlib.crc32(data, crc)
     return crc
 
 

@@ -306,6 +306,43 @@ def test_checksums_summed_from_memory_equal_the_files_read_back(tmp_path):
     assert record == durable.checksum(tmp_path / "acts.bin") and record.size == activations.numel() * 2
 
 
+def test_shards_written_directly_read_back_as_safetensors_wrote_them(tmp_path):
+    """save_shard writes the safetensors format itself (no intermediate copy): safetensors reads every
+    tensor back equal, with the metadata transformers looks for; the data starts 8-byte aligned and
+    each tensor at a multiple of its element size; the layout is the one safetensors writes."""
+    import struct
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from offload_prune.checkpoint import save_shard
+
+    torch.manual_seed(0)
+    tensors = {"odd.bf16": torch.randn(7, 5, dtype=torch.bfloat16), "embed": torch.randn(10, 4)[3:],
+               "half": torch.randn(3, dtype=torch.float16), "scale": torch.tensor(2.5, dtype=torch.float64),
+               "ids": torch.arange(9, dtype=torch.int32), "flags": torch.rand(5) > 0.5, "empty": torch.zeros(0, 4),
+               "fp8": torch.randn(3, 3).to(torch.float8_e4m3fn), "columns": torch.randn(4, 6).t()}
+    save_shard(tensors, tmp_path / "mine.safetensors")
+    loaded = load_file(tmp_path / "mine.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    with safe_open(tmp_path / "mine.safetensors", framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    raw = (tmp_path / "mine.safetensors").read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    assert (8 + size) % 8 == 0
+    assert all(entry["data_offsets"][0] % tensors[name].element_size() == 0
+               for name, entry in header.items() if name != "__metadata__")
+    # The same layout as safetensors' own writer (widest elements first, then by name), so the same bytes.
+    save_file({n: t.contiguous() for n, t in tensors.items()}, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    theirs = (tmp_path / "theirs.safetensors").read_bytes()
+    assert raw == theirs
+
+
 @pytest.mark.parametrize("first", ["device", "ram"])
 def test_device_store_resumes_identically(resume_model, prune_args, worker, uninterrupted, tmp_path, first):
     """The device store (the compute device is the CPU here) persists and reopens through a host staging
