@@ -39,6 +39,8 @@ class ActivationStore:
             self.numel *= dim
         self.tensor: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
+        # On disk: (CRC-32, rows) of the output buffer's rows written so far, in order (None: not in order).
+        self._summed: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +60,7 @@ class ActivationStore:
         """An empty buffer to be filled, then commit(index)."""
         if self.on_disk:
             self._output = self._mapped(durable.reserve_tmp(self.path(index), self.nbytes), shared=True)
+            self._summed = (0, 0)
         else:
             self._output = self._empty()
         return self._output
@@ -109,6 +112,18 @@ class ActivationStore:
         self._output = self.tensor
         return self._output
 
+    def written(self, rows: slice) -> None:
+        """`rows` of the output buffer were just filled (on disk: copied into the mapping, which a copy from
+        a GPU to pageable memory finishes before returning). Their bytes are summed now, while in memory, if
+        they come in order: the file's CRC-32 is then known without reading it back, which for a file larger
+        than the page cache is a second disk read of it."""
+        if self._summed is None:
+            return
+        crc, done = self._summed
+        chunk = self._output[rows]
+        self._summed = (zlib.crc32(durable.tensor_bytes(chunk), crc), done + chunk.shape[0]) \
+            if rows.start == done else None
+
     def commit(self, index: int) -> durable.FileRecord:
         """Make the output buffer the durable input of block `index`; it becomes `tensor`."""
         return self.advance()(index)
@@ -118,10 +133,12 @@ class ActivationStore:
         of block `index` later (another thread may call it; in RAM it reads the buffer, which nothing
         may overwrite until it returns)."""
         filled, self.tensor, self._output = self._output, self._output, None
+        summed = self._summed if self._summed is not None and self._summed[1] == self.shape[0] else None
+        self._summed = None
 
         def persist(index: int) -> durable.FileRecord:
-            if self.on_disk:
-                return durable.write_file(self.path(index), lambda tmp: None)  # filled through the mapping
+            if self.on_disk:  # filled through the mapping; read back unless every row was summed as written
+                return durable.write_file(self.path(index), lambda tmp: summed[0] if summed else None)
             if self.where == "device":
                 return durable.write_file(self.path(index), lambda tmp: self._write_staged(tmp, filled))
             return durable.write_bytes(self.path(index), durable.tensor_bytes(filled))
@@ -138,4 +155,4 @@ class ActivationStore:
         return crc
 
     def release(self) -> None:
-        self.tensor = self._output = None
+        self.tensor = self._output = self._summed = None

@@ -259,7 +259,8 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
         entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                          "data_offsets": [offset, offset + tensor.nbytes]}
         offset += tensor.nbytes
-    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":"), ensure_ascii=False).encode()
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":"),
+                        ensure_ascii=False).encode()
     header += b" " * (-len(header) % 8)
     start = len(header).to_bytes(8, "little") + header
     with open(path, "wb") as f:

@@ -97,7 +97,7 @@ def dense_pass(run: Run, key: str, desc: str, start_measuring) -> list[dict]:
         last = index + 1 == streamed.num_layers
         try:
             run_windows(block, layer_kwargs[index], inputs, None if last else run.store.output_buffer(index + 1),
-                        config.micro_batch_size, run.device)
+                        config.micro_batch_size, run.device, run.store.written)
         finally:
             for handle in handles:
                 handle.remove()

@@ -363,7 +363,8 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     # the inputs, which it persists, and its durable steps stay in order before this block's.
     run.writer.wait()
     if not last:  # the last block's outputs feed nothing
-        run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device)
+        run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device,
+                    run.store.written)
     next_inputs = dict if last else advance_inputs(run, index + 1)
     if run.ranks.lead:  # the other ranks write nothing and report nothing
         _commit_behind(run, index, block, matrices, chosen, method_info, next_inputs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from accelerate import init_empty_weights
@@ -273,9 +273,10 @@ class StreamedModel:
 
 @torch.no_grad()
 def run_windows(layer: nn.Module, kwargs: dict, inputs: torch.Tensor, outputs: torch.Tensor | None,
-                micro_batch_size: int, device: torch.device) -> None:
+                micro_batch_size: int, device: torch.device, written: Callable[[slice], None] | None = None) -> None:
     """Run every window through `layer` in micro-batches; keep the results in `outputs` (which
-    may be `inputs` itself: each micro-batch is read before it is overwritten) unless None."""
+    may be `inputs` itself: each micro-batch is read before it is overwritten) unless None, and tell
+    `written` which windows each micro-batch filled."""
     kwargs = send_to_device(kwargs, device)
     # On a GPU the copies are queued on the compute stream (asynchronous from a pinned cache) and the host
     # waits once, at the end: a micro-batch's outputs overwrite its own inputs only after the copy that
@@ -287,5 +288,7 @@ def run_windows(layer: nn.Module, kwargs: dict, inputs: torch.Tensor, outputs: t
         out = out[0] if isinstance(out, tuple) else out
         if outputs is not None:
             outputs[batch].copy_(out, non_blocking=True)
+            if written is not None:
+                written(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -371,3 +371,30 @@ def test_device_store_persists_and_reopens_through_a_small_staging_buffer(tmp_pa
     assert store.path(1).read_bytes() == bytes(durable.tensor_bytes(expected))
     assert record == durable.checksum(store.path(1))
     assert torch.equal(activations.ActivationStore(tmp_path, (3, 7, 24), torch.bfloat16, "device").open(1), expected)
+
+
+def test_disk_activations_summed_as_written_are_not_read_back(tmp_path, monkeypatch):
+    """On disk the outputs go through a memory map; the micro-batches' bytes are summed as run_windows
+    fills them, in order, so persisting does not read the file back (a second disk read of it when it
+    is larger than the page cache). Rows filled out of order, or not all, are read back instead."""
+    import torch
+
+    from offload_prune import activations, durable
+    from offload_prune.skeleton import run_windows
+
+    reads = []
+    checksum = durable.checksum
+    monkeypatch.setattr(durable, "checksum", lambda path: reads.append(path.name) or checksum(path))
+    inputs = torch.randn(5, 3, 4).to(torch.bfloat16)
+    store = activations.ActivationStore(tmp_path, inputs.shape, torch.bfloat16, "disk")
+    run_windows(lambda x: x * 3, {}, inputs, store.output_buffer(1), 2, torch.device("cpu"), store.written)
+    record = store.advance()(1)
+    assert reads == [] and record == checksum(store.path(1))
+    assert torch.equal(store.open(1), inputs * 3)
+
+    out = store.output_buffer(2)  # the same rows, out of order: the file is read back for its CRC
+    for rows in (slice(2, 5), slice(0, 2)):
+        out[rows] = inputs[rows] * 5
+        store.written(rows)
+    record = store.advance()(2)
+    assert reads == [store.name(2) + durable.TMP_SUFFIX] and record == checksum(store.path(2))
