@@ -65,6 +65,7 @@ class CheckpointReader:
         self.dtypes: dict[str, torch.dtype] = {}
         # Where each tensor's bytes lie in its shard: [begin, end) from the start of the file.
         self.spans: dict[str, tuple[int, int]] = {}
+        self._headers: dict[str, bytes] = {}  # each shard's JSON header, as read once here (for `identity`)
         self._check_shards()
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -96,6 +97,7 @@ class CheckpointReader:
             with self._open(shard) as handle:
                 present = set(handle.keys())
                 header_bytes, header = _header(self.folder / shard)
+                self._headers[shard] = header_bytes
                 data_start = 8 + len(header_bytes)
                 for name in names:
                     if name not in present:
@@ -151,7 +153,7 @@ class CheckpointReader:
         digest = hashlib.sha256((self.folder / "config.json").read_bytes())
         for shard in self.shard_files():
             path = self.folder / shard
-            digest.update(shard.encode() + _header(path)[0])
+            digest.update(shard.encode() + self._headers[shard])
             digest.update(str(path.stat().st_size).encode())
         return {"sha256_of_headers": digest.hexdigest()}
 
@@ -220,7 +222,7 @@ class ShardLayout:
         """Write one unit's shards under their final names; returns what the manifest records."""
         records = {}
         for shard, file in zip(self.unit_shards[unit], self.file_names[unit]):
-            contents = {name: tensors[name].contiguous() for name in shard}
+            contents = {name: tensors[name] for name in shard}  # made contiguous by save_shard, one at a time
             records[file] = durable.write_file(folder / file, lambda tmp: save_shard(contents, tmp))
         return records
 

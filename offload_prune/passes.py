@@ -57,7 +57,8 @@ def capture(run: Run, windows: torch.Tensor) -> None:
     The keyword arguments are kept on the CPU, so a resume may compute on another device."""
     run.streamed.load_outside(with_head=False)
     layer0_inputs = run.store.create(0)
-    layer_kwargs = run.streamed.capture_into(windows, layer0_inputs, run.config.quiet, "calibration: embed")
+    layer_kwargs = run.streamed.capture_into(windows, layer0_inputs, run.config.quiet, "calibration: embed",
+                                             run.store.written)
     run.streamed.unload_outside()
     on_cpu = send_to_device(layer_kwargs, "cpu")
     inputs = advance_inputs(run, 0)()

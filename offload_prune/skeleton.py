@@ -242,13 +242,17 @@ class StreamedModel:
         hidden = self._layer0_inputs.pop()
         return hidden, [self._recorded[i] for i in range(self.num_layers)]
 
-    def capture_into(self, windows: torch.Tensor, out: torch.Tensor, quiet: bool, desc: str) -> list[dict]:
-        """Fill `out` with the layer-0 inputs of every window; return each layer's keyword arguments."""
+    def capture_into(self, windows: torch.Tensor, out: torch.Tensor, quiet: bool, desc: str,
+                     written: Callable[[slice], None] | None = None) -> list[dict]:
+        """Fill `out` with the layer-0 inputs of every window, telling `written` each window filled; return
+        each layer's keyword arguments."""
         self._recorded = {}
         layer_kwargs: list[dict] = []
         for i in tqdm(range(len(windows)), desc=desc, disable=quiet, leave=False):
             hidden, layer_kwargs = self.capture(windows[i:i + 1])
             out[i:i + 1] = hidden.to(out.device, out.dtype)
+            if written is not None:
+                written(slice(i, i + 1))
         return layer_kwargs
 
     @torch.no_grad()
