@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -249,8 +248,9 @@ class ShardLayout:
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     """Write a safetensors file and return its CRC-32, summed from the bytes as they are written: nothing
-    is read back, and each tensor's bytes go to the file straight from its memory (safetensors' own
-    save_file first copies them all into one buffer). The layout is safetensors': an 8-byte
+    is read back, and each tensor's bytes go to the file from its own memory (safetensors' save_file first
+    copies them all into one buffer), around the page cache where it can (durable.write_around_cache).
+    The layout is safetensors': an 8-byte
     little-endian header size, the JSON header padded with spaces to 8 bytes, then the tensors' bytes
     with no gap in safetensors' order (by dtype, the widest elements first, so each tensor starts at a
     multiple of its element size; then by name): the bytes safetensors would write."""
@@ -265,14 +265,13 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
                         ensure_ascii=False).encode()
     header += b" " * (-len(header) % 8)
     start = len(header).to_bytes(8, "little") + header
-    with open(path, "wb") as f:
-        f.write(start)
-        crc = zlib.crc32(start)
+
+    def pieces():
+        yield memoryview(start)
         for name in order:
-            data = durable.tensor_bytes(tensors[name].contiguous())  # a copy only of a strided view, one at a time
-            f.write(data)
-            crc = zlib.crc32(data, crc)
-    return crc
+            yield durable.tensor_bytes(tensors[name].contiguous())  # a copy only of a strided view, one at a time
+
+    return durable.write_around_cache(path, pieces)
 
 
 def _pack(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:

@@ -13,13 +13,14 @@ mid-write does. OFFLOAD_PRUNE_STEP_LOG=FILE appends one line per step ("k kind p
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import signal
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -27,6 +28,12 @@ from .config import OffloadPruneError
 
 TMP_SUFFIX = ".tmp"
 _CHUNK = 16 << 20
+#: The aligned buffer a file written around the page cache goes through (counted in the memory plan).
+DIRECT_STAGING_BYTES = 4 << 20
+#: O_DIRECT wants the memory, the file offset and the length of each write aligned to the logical block
+#: size: 512 or 4096 bytes on the disks Linux knows; a filesystem asking more refuses (EINVAL) and the
+#: file is written through the cache instead.
+_DIRECT_ALIGNMENT = 4096
 
 
 class DiskFullError(OffloadPruneError):
@@ -154,6 +161,67 @@ def write_bytes(path: Path, data: bytes | memoryview) -> FileRecord:
             f.write(data)
         return zlib.crc32(data)
     return write_file(path, write)
+
+
+def write_around_cache(path: Path, pieces: Callable[[], Iterable[memoryview]]) -> int:
+    """Write the byte pieces `pieces()` yields one after another to `path`; returns their CRC-32.
+
+    Where the OS and the filesystem allow, around the page cache (O_DIRECT), through one aligned
+    staging buffer: a shard the run writes is never read by it again, and through the cache every
+    byte took one more kernel copy and its dirty pages a write-back, ~2.5 s of CPU per GB on a 2-core
+    VM, on the cores the pruning computes on (about 1 s per GB this way, the CRC included); it also
+    leaves the page cache to the checkpoint being read. Elsewhere (no O_DIRECT, or a filesystem that
+    refuses it): buffered writes, `pieces()` started again."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return _write_direct(path, pieces())
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+    crc = 0
+    with open(path, "wb") as f:
+        for piece in pieces():
+            f.write(piece)
+            crc = zlib.crc32(piece, crc)
+            del piece  # a strided tensor's contiguous copy goes before the next one is made
+    return crc
+
+
+def _write_direct(path: Path, pieces: Iterable[memoryview]) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    staging = mmap.mmap(-1, DIRECT_STAGING_BYTES)  # page-aligned
+    buffer = memoryview(staging)
+    try:
+        crc = size = filled = 0
+        for piece in pieces:
+            crc, size = zlib.crc32(piece, crc), size + len(piece)
+            taken = 0
+            while taken < len(piece):
+                n = min(len(piece) - taken, len(buffer) - filled)
+                buffer[filled:filled + n] = piece[taken:taken + n]
+                filled, taken = filled + n, taken + n
+                if filled == len(buffer):
+                    _write_all(fd, buffer)
+                    filled = 0
+            del piece
+        if filled:  # the last block padded with zeros, then cut off
+            padded = filled + (-filled % _DIRECT_ALIGNMENT)
+            buffer[filled:padded] = bytes(padded - filled)
+            _write_all(fd, buffer[:padded])
+            os.ftruncate(fd, size)
+        return crc
+    finally:
+        os.close(fd)
+        try:
+            buffer.release()
+            staging.close()
+        except BufferError:  # views of it held by an error's traceback: unmapped when that goes
+            pass
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        data = data[os.write(fd, data):]
 
 
 def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from .activations import STAGING_BYTES
 from .config import OffloadPruneError, PruneConfig
 from .distributed import Ranks
+from .durable import DIRECT_STAGING_BYTES
 from .masks import chunk_workspace_bytes
 from .matrices import describe, find_matrices
 from .methods import build_method
@@ -116,7 +117,8 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     fused = any(p.dim() == 3 for p in block.parameters())
     stored_loading = {"stored_block": block_stored, **({"expert_fusion": 2 * largest_in_block * stored.itemsize}
                                                        if fused else {})}
-    serialized = largest_in_block * stored.itemsize
+    # One tensor's contiguous copy (of a strided view) and the buffer a shard is written through.
+    serialized = largest_in_block * stored.itemsize + DIRECT_STAGING_BYTES
     # --overlap-io: the next block's stored tensors are read while a block loads and computes, and the
     # previous block's stored copy is still being written while this one loads and collects statistics.
     ahead = {"next_block_read": block_stored} if config.overlap_io else {}
@@ -148,7 +150,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
                    {"stored_block": block_stored, "serialized_tensor": serialized, **ahead})],
         "write": [({"head_prune_chunk": chunk_workspace_bytes(head, device_type) if config.nr_prune_lm_head else 0},
                    {"outside_tensors": outside * stored.itemsize,
-                    "serialized_tensor": max(embedding, head) * stored.itemsize})],
+                    "serialized_tensor": max(embedding, head) * stored.itemsize + DIRECT_STAGING_BYTES})],
         "eval": [embed_step,
                  ({"block_weights": block_compute, "micro_batch": micro_batch}, stored_loading),
                  ({"embedding_and_head": (embedding + head_apart) * compute.itemsize,

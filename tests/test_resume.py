@@ -3,7 +3,9 @@
 The steps are not chosen by hand: an uninterrupted run logs every write, fsync, rename and delete
 it makes (offload_prune/durable.py), and the sweep kills a fresh run at each of them in turn.
 """
+import errno
 import json
+import os
 
 import pytest
 
@@ -306,24 +308,58 @@ def test_checksums_summed_from_memory_equal_the_files_read_back(tmp_path):
     assert record == durable.checksum(tmp_path / "acts.bin") and record.size == activations.numel() * 2
 
 
-def test_shards_written_directly_read_back_as_safetensors_wrote_them(tmp_path):
+def _direct_io_or_skip(folder) -> None:
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this OS")
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{folder}'s filesystem refuses O_DIRECT")
+
+
+def _refuse(error: int):
+    def write(*args):
+        raise OSError(error, os.strerror(error))
+    return write
+
+
+@pytest.mark.parametrize("path", ["around the cache", "no O_DIRECT", "O_DIRECT refused"])
+def test_shards_written_directly_read_back_as_safetensors_wrote_them(tmp_path, monkeypatch, path):
     """save_shard writes the safetensors format itself (no intermediate copy): safetensors reads every
     tensor back equal, with the metadata transformers looks for; the data starts 8-byte aligned and
-    each tensor at a multiple of its element size; the layout is the one safetensors writes."""
+    each tensor at a multiple of its element size; the layout is the one safetensors writes. So it
+    does around the page cache (O_DIRECT, through a staging buffer made small here, so that tensors
+    straddle its fills and the last one is padded and cut), where the OS has no O_DIRECT, and where
+    the filesystem refuses it at the first write (written again through the cache)."""
     import struct
 
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from offload_prune import durable
     from offload_prune.checkpoint import save_shard
 
+    monkeypatch.setattr(durable, "DIRECT_STAGING_BYTES", 8192)
+    opened = []
+    if path == "around the cache":
+        _direct_io_or_skip(tmp_path)
+        real_open = os.open
+        monkeypatch.setattr(os, "open", lambda file, flags, *rest: opened.append(flags) or real_open(file, flags, *rest))
+    elif path == "no O_DIRECT":
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    else:
+        monkeypatch.setattr(os, "write", _refuse(errno.EINVAL))
     torch.manual_seed(0)
     tensors = {"odd.bf16": torch.randn(7, 5, dtype=torch.bfloat16), "embed": torch.randn(10, 4)[3:],
                "half": torch.randn(3, dtype=torch.float16), "scale": torch.tensor(2.5, dtype=torch.float64),
                "ids": torch.arange(9, dtype=torch.int32), "flags": torch.rand(5) > 0.5, "empty": torch.zeros(0, 4),
-               "fp8": torch.randn(3, 3).to(torch.float8_e4m3fn), "columns": torch.randn(4, 6).t()}
-    save_shard(tensors, tmp_path / "mine.safetensors")
+               "fp8": torch.randn(3, 3).to(torch.float8_e4m3fn), "columns": torch.randn(4, 6).t(),
+               "wide": torch.randn(3001), "wider.half": torch.randn(70, 90, dtype=torch.float16)[:, 1:]}
+    crc = save_shard(tensors, tmp_path / "mine.safetensors")
+    if path == "around the cache":
+        assert any(flags & os.O_DIRECT for flags in opened)
+    assert crc == durable.checksum(tmp_path / "mine.safetensors").crc32
     loaded = load_file(tmp_path / "mine.safetensors")
     assert loaded.keys() == tensors.keys()
     for name, tensor in tensors.items():
@@ -341,6 +377,21 @@ def test_shards_written_directly_read_back_as_safetensors_wrote_them(tmp_path):
     save_file({n: t.contiguous() for n, t in tensors.items()}, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
     theirs = (tmp_path / "theirs.safetensors").read_bytes()
     assert raw == theirs
+
+
+def test_a_full_disk_under_direct_writes_is_reported_not_written_through_the_cache(tmp_path, monkeypatch):
+    """Only a refusal of O_DIRECT itself falls back to buffered writes; no space left is the one-line
+    disk-full error, with no temporary file left behind."""
+    import torch
+
+    from offload_prune import durable
+    from offload_prune.checkpoint import save_shard
+
+    _direct_io_or_skip(tmp_path)
+    monkeypatch.setattr(os, "write", _refuse(errno.ENOSPC))
+    with pytest.raises(durable.DiskFullError, match="no space left"):
+        durable.write_file(tmp_path / "shard.safetensors", lambda tmp: save_shard({"w": torch.ones(5000)}, tmp))
+    assert not list(tmp_path.glob("shard*"))
 
 
 @pytest.mark.parametrize("first", ["device", "ram"])
