@@ -146,13 +146,9 @@ class ActivationStore:
 
     def _write_staged(self, tmp: Path, filled: torch.Tensor) -> int:
         """The device cache's bytes into `tmp` a staging buffer at a time; their CRC-32."""
-        crc = 0
-        with open(tmp, "wb") as f:
-            for host, device in self._staged(filled):
-                data = durable.tensor_bytes(host.copy_(device))  # waits for the device: the bytes are there
-                f.write(data)
-                crc = zlib.crc32(data, crc)
-        return crc
+        # copy_ to pageable or pinned memory waits for the device: the bytes are there when written.
+        return durable.write_around_cache(tmp, lambda: (durable.tensor_bytes(host.copy_(device))
+                                                       for host, device in self._staged(filled)))
 
     def release(self) -> None:
         self.tensor = self._output = self._summed = None

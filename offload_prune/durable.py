@@ -156,21 +156,17 @@ def _writing(tmp: Path, path: Path, write: Callable[[Path], int | None]) -> int 
 
 
 def write_bytes(path: Path, data: bytes | memoryview) -> FileRecord:
-    def write(tmp: Path) -> int:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        return zlib.crc32(data)
-    return write_file(path, write)
+    return write_file(path, lambda tmp: write_around_cache(tmp, lambda: [memoryview(data)]))
 
 
 def write_around_cache(path: Path, pieces: Callable[[], Iterable[memoryview]]) -> int:
     """Write the byte pieces `pieces()` yields one after another to `path`; returns their CRC-32.
 
     Where the OS and the filesystem allow, around the page cache (O_DIRECT), through one aligned
-    staging buffer: a shard the run writes is never read by it again, and through the cache every
-    byte took one more kernel copy and its dirty pages a write-back, ~2.5 s of CPU per GB on a 2-core
-    VM, on the cores the pruning computes on (about 1 s per GB this way, the CRC included); it also
-    leaves the page cache to the checkpoint being read. Elsewhere (no O_DIRECT, or a filesystem that
+    staging buffer: what a run writes (shards, activations kept for resuming) it does not read again,
+    and through the cache every byte took one more kernel copy and its dirty pages a write-back, ~2.5 s
+    of CPU per GB on a 2-core VM, on the cores the pruning computes on (about 1 s per GB this way, the
+    CRC included); it also leaves the page cache to the checkpoint being read. Elsewhere (no O_DIRECT, or a filesystem that
     refuses it): buffered writes, `pieces()` started again."""
     if hasattr(os, "O_DIRECT"):
         try:
