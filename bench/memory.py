@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -210,6 +211,11 @@ def main() -> None:
         if args.repeats > 1:  # the spread between runs of one build, beside the fastest
             print("  every run: " + "; ".join(f"{mode} " + " ".join(f"{r['seconds']:.1f}" for r in results)
                                               for mode, results in runs.items()) + " s", flush=True)
+            if not args.skip_baseline:
+                medians = {mode: statistics.median(r["seconds"] for r in results) for mode, results in runs.items()}
+                print(f"  medians: streaming {medians['streaming']:.1f} s, without --overlap-io "
+                      f"{medians['serial']:.1f} s, in-memory {medians['in_memory']:.1f} s; time ratio "
+                      f"{medians['streaming'] / medians['in_memory']:.2f}", flush=True)
 
 
 if __name__ == "__main__":
