@@ -250,10 +250,10 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     """Write a safetensors file and return its CRC-32, summed from the bytes as they are written: nothing
     is read back, and each tensor's bytes go to the file from its own memory (safetensors' save_file first
     copies them all into one buffer), around the page cache where it can (durable.write_around_cache).
-    The layout is safetensors': an 8-byte
-    little-endian header size, the JSON header padded with spaces to 8 bytes, then the tensors' bytes
-    with no gap in safetensors' order (by dtype, the widest elements first, so each tensor starts at a
-    multiple of its element size; then by name): the bytes safetensors would write."""
+    The layout is safetensors': an 8-byte little-endian header size, the JSON header padded with spaces
+    to 8 bytes, then the tensors' bytes with no gap in safetensors' order (by dtype, the widest elements
+    first, so each tensor starts at a multiple of its element size; then by name): the bytes
+    safetensors would write."""
     order = sorted(tensors, key=lambda name: (_LAYOUT_RANK[tensors[name].dtype], name))
     entries, offset = {}, 0
     for name in order:

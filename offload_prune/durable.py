@@ -166,8 +166,8 @@ def write_around_cache(path: Path, pieces: Callable[[], Iterable[memoryview]]) -
     staging buffer: what a run writes (shards, activations kept for resuming) it does not read again,
     and through the cache every byte took one more kernel copy and its dirty pages a write-back, ~2.5 s
     of CPU per GB on a 2-core VM, on the cores the pruning computes on (about 1 s per GB this way, the
-    CRC included); it also leaves the page cache to the checkpoint being read. Elsewhere (no O_DIRECT, or a filesystem that
-    refuses it): buffered writes, `pieces()` started again."""
+    CRC included); it also leaves the page cache to the checkpoint being read. Elsewhere (no O_DIRECT,
+    or a filesystem that refuses it): buffered writes, `pieces()` started again."""
     if hasattr(os, "O_DIRECT"):
         try:
             return _write_direct(path, pieces())
