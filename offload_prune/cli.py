@@ -113,8 +113,8 @@ def _sparsegpt_and_budget_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
     _flag(parser, "percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H)")
     _flag(parser, "hessian-dtype", default="float32", choices=HESSIAN_DTYPES,
-          help="SparseGPT/ADMM: sum Hessians in float64 so the result does not depend on micro-batches or "
-               "ranks (twice their memory; slow on GPUs with little float64 throughput)")
+          help="SparseGPT/ADMM: sum Hessians in float64, rounding errors kept, so the result does not depend "
+               "on micro-batches or ranks (3x their memory; slow on GPUs with little float64 throughput)")
     _flag(parser, "true-sequential", action="store_true",
           help="SparseGPT: prune q/k/v, then o, then gate/up, then down, recomputing inputs in between")
     _flag(parser, "admm-iterations", type=int, default=20,

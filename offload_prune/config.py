@@ -48,9 +48,9 @@ class PruneConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     true_sequential: bool = False
-    # SparseGPT and ADMM sum x x^T in this dtype. float64: products of float32 inputs are exact in it and
-    # its rounding is far below float32's, so the rounded Hessian (the solve stays float32) no longer
-    # depends on how tokens were grouped into micro-batches or split across ranks; twice the memory.
+    # SparseGPT and ADMM sum x x^T in this dtype. float64: window by window, with the rounding errors
+    # kept (hessian_sums.CompensatedSum), so the float32 Hessian the solve uses is the same bit for bit
+    # however windows were grouped into micro-batches or split across ranks; three times the memory.
     hessian_dtype: str = "float32"
     # ADMM (Boza 2024): iterations of the weight update, the mask chosen gradually in the first 3/4;
     # rho is the ADMM penalty on the input-normalised problem (the paper's defaults).

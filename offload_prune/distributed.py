@@ -97,6 +97,14 @@ class Ranks:
         dist.all_gather_object(values, value)
         return values
 
+    def gather_tensors(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `tensor` (the same shape and dtype on every rank), by rank, on every rank."""
+        if self.world == 1:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return parts
+
     def from_lead(self, value: T) -> T:
         """Rank 0's `value` on every rank."""
         if self.world == 1:

@@ -2,8 +2,9 @@
 
 Each rank holds half the calibration windows; the sums of their statistics differ from one process's
 only in summation order, so masks may differ on near-ties: the issue's bar is >= 99.9 % of the mask
-the same and kept weights within 1e-3 relative (to each matrix's norm). Statistics summed in float64
-(Wanda's norms, SparseGPT's Hessians with --hessian-dtype float64) give the same weights bit for bit.
+the same and kept weights within 1e-3 relative (to each matrix's norm). Wanda's float64 norms and
+SparseGPT's and ADMM's Hessians with --hessian-dtype float64 (the exact sums, correctly rounded to
+float32) give the same weights bit for bit.
 """
 import json
 import os
@@ -53,7 +54,7 @@ def assert_same_pruned_model(one, two, exact=False):
 
 
 @pytest.mark.parametrize("method,extra", [("wanda", ()), ("sparsegpt", ()), ("sparsegpt", ("--hessian-dtype", "float64")),
-                                          # float32 ADMM kept weights 1.2e-3 apart (bar 1e-3) on one test machine; float64 sums are exact
+                                          # float32 ADMM kept weights 1.2e-3 apart (bar 1e-3) on one test machine
                                           ("admm", ("--sparsity_type", "2:4", "--hessian-dtype", "float64")),
                                           ("ria", ("--sparsity_type", "2:4", "--ria-permute")),
                                           ("wanda", ("--layer-sparsity", "owl"))])
@@ -67,8 +68,8 @@ def test_two_ranks_prune_what_one_process_prunes(model, tmp_path, method, extra)
         torch.set_num_threads(threads)
     done = torchrun(*quick_args(model, tmp_path / "two", *common))
     assert done.returncode == 0, done.stderr[-2000:]
-    # Sums whose float64 rounding is below float32's give the same rounded statistics, hence the same
-    # weights bit for bit, whatever the split (Wanda's norms are float64 on the CPU).
+    # The same statistics bit for bit whatever the split, hence the same weights: Wanda's float64 norms
+    # (on the CPU), the float64 Hessians' correctly rounded exact sums.
     assert_same_pruned_model(tmp_path / "one", tmp_path / "two", exact=method == "wanda" or "float64" in extra)
     one, two = (json.loads((tmp_path / f / "report.json").read_text()) for f in ("one", "two"))
     assert (one["ranks"], two["ranks"]) == (1, 2)

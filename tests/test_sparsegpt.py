@@ -1,4 +1,7 @@
 """SparseGPT against textbook OBS, and its shared-Hessian, dead-column and damping-retry paths."""
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 from torch import nn
@@ -117,25 +120,59 @@ def test_shared_hessian_equals_per_linear():
         assert torch.equal(results[0][name], results[1][name]), name
 
 
-def test_float64_hessians_do_not_depend_on_how_the_tokens_were_grouped():
-    """Rounded to float32 for the solve, a float64 sum is the same for one micro-batch of 8 windows,
-    8 micro-batches of one, and two halves summed as two ranks' would be."""
-    torch.manual_seed(0)
-    windows = torch.randn(8, 24, 32) * torch.rand(32) * 3
-    outputs = torch.zeros(1, 24, 4)
+def correctly_rounded(value: Fraction) -> float:
+    """The float32 nearest an exact rational (ties to even), computed with exact arithmetic."""
+    guess = torch.tensor(float(value), dtype=torch.float32)
+    neighbours = [torch.nextafter(guess, torch.tensor(direction)) for direction in (-math.inf, math.inf)]
+    candidates = sorted((abs(Fraction(float(c)) - value), int(c.view(torch.int32)) & 1, float(c))
+                        for c in [guess, *neighbours])
+    return candidates[0][2]
 
-    def hessian(*micro_batches):
+
+def test_float64_hessians_are_the_exact_sum_rounded_however_the_tokens_were_grouped():
+    """A float64 Hessian, rounded to float32 for the solve, is the exact sum of the tokens' x x^T
+    correctly rounded (the reference: rational arithmetic), for one micro-batch of 6 windows, 6
+    micro-batches of one, and two ranks' halves combined."""
+    torch.manual_seed(0)
+    windows = torch.randn(6, 10, 8) * torch.rand(8) * 3
+    outputs = torch.zeros(1, 10, 4)
+
+    def summed(*micro_batches):
         method = make_method(hessian_dtype="float64")
         for batch in micro_batches:
             method.add_batch("fc", batch, outputs)
         return method.hessians["fc"]
 
-    whole = hessian(windows)
-    assert whole.dtype == torch.float64
-    for grouped in (hessian(*windows.split(1)), hessian(windows[:4]) + hessian(windows[4:])):
-        assert torch.equal(grouped.float(), whole.float())
-    x = windows.reshape(-1, 32).double()
-    assert torch.equal(whole.float(), (x.T @ x).float())
+    class TwoRanks:  # what Ranks.gather_tensors returns on two ranks, the other rank's sum given
+        world = 2
+
+        def __init__(self, other):
+            self.other = other
+
+        def gather_tensors(self, tensor):
+            theirs = self.other.hi if tensor.dtype == torch.float64 else self.other.lo
+            return [tensor.clone(), theirs[:tensor.shape[0]].clone()]
+
+    first, second = summed(windows[:2]), summed(windows[2:])
+    first.reduce(TwoRanks(second))
+    groupings = [summed(windows).rounded(), summed(*windows.split(1)).rounded(), first.rounded()]
+    x = [[Fraction(float(v)) for v in token] for token in windows.reshape(-1, 8).tolist()]
+    exact = torch.tensor([[correctly_rounded(sum(t[i] * t[j] for t in x)) for j in range(8)] for i in range(8)])
+    for rounded in groupings:
+        assert rounded.dtype == torch.float32 and torch.equal(rounded, exact)
+
+
+def test_compensated_sum_rounds_what_a_plain_float64_sum_loses():
+    """(1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 lies half a float32 step above 1 + 2^-11; with 2^-60 more the
+    exact sum rounds up. A float64 sum drops the 2^-60 and rounds the tie down (to even)."""
+    tokens = torch.tensor([[[1 + 2 ** -12, 1.0]], [[2 ** -30, 2 ** -30]]])
+    plain = (tokens.double().reshape(-1, 2).T @ tokens.double().reshape(-1, 2)).float()
+    method = make_method(hessian_dtype="float64")
+    method.add_batch("fc", tokens, torch.zeros(1, 1, 1))
+    rounded = method.hessians["fc"].rounded()
+    assert float(plain[0, 0]) == 1 + 2 ** -11
+    assert float(rounded[0, 0]) == 1 + 2 ** -11 + 2 ** -23
+    assert float(rounded[0, 1]) == float(plain[0, 1]) == 1 + 2 ** -12  # 2^-60 is far below half a step here
 
 
 def test_rank_deficient_input_is_retried_with_more_damping():
@@ -206,7 +243,7 @@ def test_unstructured_sparsity_is_exact_in_every_module(tiny_llama, tmp_path):
 def test_tf32_guard_uses_the_current_api():
     """A process that set TF32 through torch's fp32_precision API: the guard neither raises (reading
     the legacy flags would) nor leaves its own setting behind."""
-    from offload_prune.methods.sparsegpt import no_tf32
+    from offload_prune.hessian_sums import no_tf32
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("torch without fp32_precision")

@@ -118,7 +118,7 @@ class ADMM(SparseGPT):
     def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix], sequences: int,
                        sparsity: float) -> dict[str, dict]:
         config = self.config
-        norms, gram, inverse = normalised_system(self.take_hessian(key), config.admm_rho)
+        norms, gram, inverse = normalised_system(self.take_hessian(key, dead), config.admm_rho)
         results = {}
         for name, linear in linears.items():
             start = time.perf_counter()

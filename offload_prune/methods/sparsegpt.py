@@ -18,7 +18,6 @@ Linears that read the same input tensor (q/k/v, gate/up) share one Hessian and o
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -26,6 +25,7 @@ import torch
 
 from ..config import OffloadPruneError, PruneConfig
 from ..distributed import Ranks
+from ..hessian_sums import CompensatedSum, Float32Sum, no_tf32
 from ..masks import lowest_k
 from ..matrices import Matrix
 from .base import PruningMethod
@@ -33,30 +33,6 @@ from .base import PruningMethod
 log = logging.getLogger(__name__)
 MAX_DAMPING_RETRIES = 6
 
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """TF32 matmuls would corrupt the Hessian and its inverse (the reference turns them off too).
-    torch >= 2.9 has `fp32_precision`; once a process has used it, reading the legacy `allow_tf32`
-    flags raises, so the legacy flags are touched only where the new API does not exist."""
-    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn]
-    if all(hasattr(knob, "fp32_precision") for knob in knobs):
-        saved = [knob.fp32_precision for knob in knobs]
-        for knob in knobs:
-            knob.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            for knob, value in zip(knobs, saved):
-                knob.fp32_precision = value
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, int]:
@@ -127,8 +103,8 @@ class SparseGPT(PruningMethod):
     def __init__(self, config: PruneConfig, share_hessians: bool = True):
         super().__init__(config)
         self.share_hessians = share_hessians
-        self.hessian_dtype = getattr(torch, config.hessian_dtype)
-        self.hessians: dict[str, torch.Tensor] = {}     # input key -> sum of x x^T (hessian_dtype)
+        self.sum_type = CompensatedSum if config.hessian_dtype == "float64" else Float32Sum
+        self.hessians: dict[str, Float32Sum | CompensatedSum] = {}  # input key -> sum of x x^T
         self.sequences: dict[str, int] = {}             # input key -> calibration sequences seen
         self.outputs: dict[str, list] = {}              # linear -> [sum ||y||^2, sum y, tokens]
         self.input_key: dict[str, str] = {}             # linear -> input key
@@ -184,7 +160,7 @@ class SparseGPT(PruningMethod):
 
     def _square_bytes(self, matrix: Matrix) -> int:
         """One Hessian of this matrix's input, as accumulated."""
-        return matrix.in_features ** 2 * self.hessian_dtype.itemsize
+        return matrix.in_features ** 2 * self.sum_type.bytes_per_entry
 
     def _hessian_bytes(self, linears: dict[str, Matrix]) -> int:
         return sum(self._square_bytes(members[0]) for members in self._shared_inputs(linears))
@@ -196,7 +172,7 @@ class SparseGPT(PruningMethod):
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype, device_type: str) -> dict[str, int]:
         """Hessians are [cols, cols] in hessian_dtype, one per shared input (q/k/v and gate/up share
         theirs), alive together through a pass; the ones not yet used stay alive while one is factorised
-        and its matrices pruned. A float64 Hessian is rounded to float32 first: both exist for a moment."""
+        and its matrices pruned. A float64 sum is rounded to float32 first: both exist for a moment."""
         statistics, prune_peak = 0, 0
         for group in self.groups(linears):
             shared = self._shared_inputs({n: linears[n] for n in group})
@@ -205,7 +181,7 @@ class SparseGPT(PruningMethod):
             for k, members in enumerate(shared):
                 later = sum(sizes[k + 1:])
                 square = members[0].in_features ** 2 * 4
-                rounding = sizes[k] + square if self.hessian_dtype != torch.float32 else 0
+                rounding = sizes[k] + self.sum_type.rounding_bytes(members[0].in_features, device_type)
                 per_matrix = max(self._pruning_bytes(m, compute_dtype, device_type) for m in members)
                 prune_peak = max(prune_peak, later + rounding, later + self.squares_factorising * square,
                                  later + self.squares_pruning * square + per_matrix)
@@ -228,8 +204,10 @@ class SparseGPT(PruningMethod):
             self.input_key.setdefault(name, name)  # fed on no rank: starved, pruned by magnitude
         shared = list(dict.fromkeys(self.input_key[n] for n in linears))
         sizes = {self.input_key[n]: (linears[n].in_features, linears[n].weight.device) for n in linears}
-        ranks.sum_named(self.hessians, shared, lambda key: torch.zeros(
-            sizes[key][0], sizes[key][0], dtype=self.hessian_dtype, device=sizes[key][1]))
+        for key in shared:
+            if key not in self.hessians:
+                self.hessians[key] = self.sum_type(*sizes[key])
+            self.hessians[key].reduce(ranks)
         self.sequences.update(ranks.sum_counts(self.sequences, shared))
         for name, linear in linears.items():
             squares, sums, tokens = self.outputs.get(name, (0.0, 0.0, 0))
@@ -253,12 +231,10 @@ class SparseGPT(PruningMethod):
         else:
             key = name
             self._last = (inputs, name)
-            x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.hessian_dtype)
             if key not in self.hessians:
-                self.hessians[key] = torch.zeros(x.shape[1], x.shape[1], dtype=self.hessian_dtype, device=x.device)
+                self.hessians[key] = self.sum_type(inputs.shape[-1], inputs.device)
                 self.sequences[key] = 0
-            with no_tf32():
-                self.hessians[key].addmm_(x.T, x)
+            self.hessians[key].add(inputs)
             self.sequences[key] += inputs.shape[0] if inputs.dim() > 2 else 1
         self.input_key[name] = key
         y = outputs.detach().reshape(-1, outputs.shape[-1]).float()
@@ -287,35 +263,28 @@ class SparseGPT(PruningMethod):
             by_key.setdefault(self.input_key.pop(name), []).append(name)
         with no_tf32():
             for key, names in by_key.items():
-                n = self.sequences.pop(key)
-                dead = self._normalise_hessian(key, n)
-                results.update(self._prune_sharing(key, dead, {m: linears[m] for m in names}, n, sparsity))
+                dead = self.hessians[key].diagonal() == 0  # inputs always zero: their weights are zeroed
+                results.update(self._prune_sharing(key, dead, {m: linears[m] for m in names},
+                                                   self.sequences[key], sparsity))
         return results
 
     def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix], sequences: int,
                        sparsity: float) -> dict[str, dict]:
         """Prune the matrices that read input `key`, given its normalised Hessian (popped here, so the
         factorisation holds the only reference and can free it early)."""
-        upper, damping, retries = inverse_cholesky(self.take_hessian(key), self.config.percdamp)
+        upper, damping, retries = inverse_cholesky(self.take_hessian(key, dead), self.config.percdamp)
         if retries:
             log.warning("%s: Hessian needed damping %.3g (%d retries)", ", ".join(linears), damping, retries)
         return {name: self._prune_linear(name, linear, upper, dead, damping, retries, sequences, sparsity)
                 for name, linear in linears.items()}
 
-    def take_hessian(self, key: str) -> torch.Tensor:
-        """The normalised Hessian of `key` in float32, which the solves use; the caller holds the only
-        reference (a float64 sum is freed as soon as it is rounded)."""
-        return self.hessians.pop(key).float()
-
-    def _normalise_hessian(self, key: str, sequences: int) -> torch.Tensor:
-        """H = (2/n) sum x x^T in place; inputs that were always zero get diag 1 (their weights are
-        zeroed). Returns the dead-input mask."""
-        hessian = self.hessians[key]
-        hessian *= 2 / sequences
-        diagonal = torch.arange(hessian.shape[0], device=hessian.device)
-        dead = hessian[diagonal, diagonal] == 0
+    def take_hessian(self, key: str, dead: torch.Tensor) -> torch.Tensor:
+        """H = (2/n) sum x x^T of `key` in float32, which the solves use, with diag 1 for the `dead`
+        inputs; the caller holds the only reference (a float64 sum is freed once it is rounded)."""
+        hessian = self.hessians.pop(key).rounded()
+        hessian *= 2 / self.sequences.pop(key)
         hessian[dead, dead] = 1
-        return dead
+        return hessian
 
     def _prune_linear(self, name, linear, upper, dead, damping, retries, n, sparsity) -> dict:
         start = time.perf_counter()
