@@ -8,6 +8,7 @@ float32) give the same weights bit for bit.
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -23,11 +24,17 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 
 
+def torchrun_command(launch: list[str], args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "offload_prune", *map(str, args)]
+
+
+def rank_environment(env_extra=None) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+
+
 def torchrun(*args, ranks=2, env_extra=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                           "-m", "offload_prune", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(torchrun_command(["--standalone", f"--nproc_per_node={ranks}"], args), capture_output=True,
+                          text=True, env=rank_environment(env_extra), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +84,31 @@ def test_two_ranks_prune_what_one_process_prunes(model, tmp_path, method, extra)
     assert two["layer_sparsity"]["ratios"] == pytest.approx(one["layer_sparsity"]["ratios"], abs=1e-9)
     # Activations are split: rank 0 held its half of the windows (4 windows x 32 tokens x 64 floats each).
     assert two["memory_plan"]["activation_cache_bytes"] * 2 == one["memory_plan"]["activation_cache_bytes"]
+
+
+def test_two_machines_meeting_through_a_rendezvous_prune_what_one_process_prunes(model, tmp_path):
+    """Two torchrun agents of one rank each (each its LOCAL_RANK 0, as on two machines), joined through
+    the c10d rendezvous multi-node runs use, give one process's weights bit for bit."""
+    common = ("--prune_method", "sparsegpt", "--hessian-dtype", "float64")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(quick_args(model, tmp_path / "one", *common)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+              "--rdzv-id=two-machines"]
+    agents = [subprocess.Popen(torchrun_command(launch, quick_args(model, tmp_path / "two", *common)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=rank_environment())
+              for _ in range(2)]
+    for agent in agents:
+        _, errors = agent.communicate(timeout=600)
+        assert agent.returncode == 0, errors[-2000:]
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["ranks"] == 2
+    assert_same_pruned_model(tmp_path / "one", tmp_path / "two", exact=True)
 
 
 def test_mixture_of_experts_statistics_meet_across_ranks(tmp_path):
