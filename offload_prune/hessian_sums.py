@@ -64,7 +64,7 @@ class Float32Sum:
         self.total = torch.zeros(size, size, device=device)
 
     @staticmethod
-    def rounding_bytes(size: int, device_type: str) -> int:
+    def rounding_bytes(size: int) -> int:
         """Memory beyond the sum while `rounded` runs."""
         return 0
 
@@ -101,7 +101,7 @@ class CompensatedSum:
         self.chunks = row_chunks(size, size, CHUNK_ENTRIES)
 
     @staticmethod
-    def rounding_bytes(size: int, device_type: str) -> int:
+    def rounding_bytes(size: int) -> int:
         """The float32 result, and per chunk float64 and float32 temporaries (at most five of each)."""
         return size * size * 4 + 5 * 12 * min(size * size, CHUNK_ENTRIES + size)
 
@@ -116,11 +116,10 @@ class CompensatedSum:
         """Add x x^T of every token of `inputs`: [windows, tokens, size] one window at a time (the
         windows a micro-batch or a rank holds do not change what is added), [tokens, size] at once."""
         windows = inputs.detach().reshape(-1, *inputs.shape[-2:]) if inputs.dim() > 2 else inputs.detach()[None]
-        with no_tf32():
-            for window in windows:
-                x = window.to(torch.float64)
-                for rows in self.chunks:
-                    self._add_exactly(rows, x[:, rows].T @ x)
+        for window in windows:  # float64 matmuls: TF32 does not apply
+            x = window.to(torch.float64)
+            for rows in self.chunks:
+                self._add_exactly(rows, x[:, rows].T @ x)
 
     def _add_exactly(self, rows: slice, part: torch.Tensor) -> None:
         """hi[rows] + part = new hi + e exactly (TwoSum); e goes to lo. `part` is consumed."""
@@ -152,8 +151,9 @@ class CompensatedSum:
         for rows in self.chunks:
             hi = self.hi[rows]
             nearest = hi.float()
-            remainder = (hi - nearest.double()).add_(self.lo[rows])
+            widened = nearest.double()
+            remainder = (hi - widened).add_(self.lo[rows])
             away = torch.nextafter(nearest, torch.full_like(nearest, float("inf")).copysign_(remainder.float()))
-            half_step = (away.double() - nearest.double()).abs_().mul_(0.5)
+            half_step = away.double().sub_(widened).abs_().mul_(0.5)
             out[rows] = torch.where(remainder.abs_() > half_step, away, nearest)
         return out

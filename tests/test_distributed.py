@@ -42,6 +42,16 @@ def model(checkpoint_factory):
     return checkpoint_factory(num_layers=3, hidden=64, intermediate=128, max_shard_size="40KB")
 
 
+def prune_on_one_thread(args: list[str]) -> None:
+    """One process, on one thread as each rank: the forward's float32 matmuls may round otherwise on more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_same_pruned_model(one, two, exact=False):
     single, split = read_all_tensors(one), read_all_tensors(two)
     assert single.keys() == split.keys()
@@ -67,12 +77,7 @@ def assert_same_pruned_model(one, two, exact=False):
                                           ("wanda", ("--layer-sparsity", "owl"))])
 def test_two_ranks_prune_what_one_process_prunes(model, tmp_path, method, extra):
     common = ("--prune_method", method, *extra)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: the forward's float32 matmuls may round otherwise on more threads
-    try:
-        assert main(quick_args(model, tmp_path / "one", *common)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    prune_on_one_thread(quick_args(model, tmp_path / "one", *common))
     done = torchrun(*quick_args(model, tmp_path / "two", *common))
     assert done.returncode == 0, done.stderr[-2000:]
     # The same statistics bit for bit whatever the split, hence the same weights: Wanda's float64 norms
@@ -90,12 +95,7 @@ def test_two_machines_meeting_through_a_rendezvous_prune_what_one_process_prunes
     """Two torchrun agents of one rank each (each its LOCAL_RANK 0, as on two machines), joined through
     the c10d rendezvous multi-node runs use, give one process's weights bit for bit."""
     common = ("--prune_method", "sparsegpt", "--hessian-dtype", "float64")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(quick_args(model, tmp_path / "one", *common)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    prune_on_one_thread(quick_args(model, tmp_path / "one", *common))
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]

@@ -181,7 +181,7 @@ class SparseGPT(PruningMethod):
             for k, members in enumerate(shared):
                 later = sum(sizes[k + 1:])
                 square = members[0].in_features ** 2 * 4
-                rounding = sizes[k] + self.sum_type.rounding_bytes(members[0].in_features, device_type)
+                rounding = sizes[k] + self.sum_type.rounding_bytes(members[0].in_features)
                 per_matrix = max(self._pruning_bytes(m, compute_dtype, device_type) for m in members)
                 prune_peak = max(prune_peak, later + rounding, later + self.squares_factorising * square,
                                  later + self.squares_pruning * square + per_matrix)
