@@ -24,14 +24,25 @@ part already there is not run again, so a machine taken away halfway loses nothi
   dominates.
 
 The checkpoints are written under --workdir (13 GiB for the 7B shape, 1.7 GiB for the 70B block).
+
+    python bench/gpu.py --smoke        # the CUDA path end to end, ~8 min of one H100 (issue #28)
+
+`--smoke` runs SMOKE_PARTS instead, each in its own process, results in OUT/gpu.json beside the rest:
+two blocks of the 7B shape with Wanda (activations in page-locked RAM) and SparseGPT (on the device),
+the same SparseGPT run killed halfway and resumed (its shards compared by sha256 with the uninterrupted
+run), RIA 2:4 with --ria-permute, one 70B-shaped block with SparseGPT and with ADMM (the plan's device
+peak against max_memory_allocated and max_memory_reserved: the cuSOLVER square of cholesky_inverse
+is planned), and a profile of the SparseGPT blocks.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +65,19 @@ PARTS = {"70b-block": ("70b", "sparsegpt", "ram"), "7b-wanda": ("7b", "wanda", "
          "7b-whole-wanda": ("7b", "wanda", "whole"), "7b-whole-sparsegpt": ("7b", "sparsegpt", "whole"),
          "7b-profile-wanda": ("7b", "wanda", "profile"), "7b-profile-sparsegpt": ("7b", "sparsegpt", "profile")}
 PROFILED_BLOCKS = 2
+#: --smoke: part -> (shape, blocks, method, activation store or "profile" / "resume", extra flags, nsamples);
+#: calibration of 32 x 2048 tokens except on the 70B block, which is planned and measured at 128 x 2048.
+SMOKE_PARTS = {
+    "smoke-7b-wanda-ram": ("7b", 2, "wanda", "ram", [], 32),
+    "smoke-7b-sparsegpt-device": ("7b", 2, "sparsegpt", "device", [], 32),
+    "smoke-7b-sparsegpt-resume": ("7b", 2, "sparsegpt", "resume", [], 32),
+    "smoke-7b-ria-permute": ("7b", 2, "ria", "ram", ["--sparsity_type", "2:4", "--ria-permute"], 32),
+    "smoke-70b-sparsegpt": ("70b", 1, "sparsegpt", "ram", [], 128),
+    "smoke-70b-admm": ("70b", 1, "admm", "ram", [], 128),
+    "smoke-7b-profile-sparsegpt": ("7b", 2, "sparsegpt", "profile", [], 32),
+}
+#: The resumed run is killed as block 1's inputs are renamed into place (block 0 being committed).
+SMOKE_KILL_STEP = "rename:acts_00001.bin"
 GIB = 2**30
 
 
@@ -73,8 +97,9 @@ def prune_flags(args, model: Path, method: str, store: str) -> list[str]:
             "--offload-activations", store]
 
 
-def streamed(args, model: Path, method: str, store: str) -> dict:
-    report = run_offload_prune(prune_flags(args, model, method, store), args.workdir / f"out-{model.name}-{method}-{store}")
+def streamed(args, model: Path, method: str, store: str, extra: list[str] = ()) -> dict:
+    report = run_offload_prune([*prune_flags(args, model, method, store), *extra],
+                               args.workdir / f"out-{model.name}-{method}-{store}")
     plan = report["memory_plan"]
     return {"activation_store": plan["activation_store"], "wall_seconds": report["wall_seconds"],
             "phase_seconds": report["seconds"],
@@ -84,8 +109,42 @@ def streamed(args, model: Path, method: str, store: str) -> dict:
             "phases": phase_table(report)}
 
 
+def smoke(args) -> dict:
+    """One part of --smoke, in this (fresh) process."""
+    shape, layers, method, how, extra, nsamples = SMOKE_PARTS[args.child]
+    args.nsamples = nsamples
+    model = checkpoint(args, shape, layers)
+    if how == "profile":
+        return profiled(args, model, method)
+    flags = prune_flags(args, model, method, "device" if how == "resume" else how) + extra
+    if how != "resume":
+        result = streamed(args, model, method, how, extra)
+        report = json.loads((args.workdir / f"out-{model.name}-{method}-{how}" / "report.json").read_text())
+        result["phase_peaks"] = report["phase_peaks"]
+        result["peak_device_allocated"] = max((p.get("device_allocated") or 0) for p in report["phase_peaks"].values())
+        result["plan_method"] = report["memory_plan"]["method"]
+        return result
+    uninterrupted, resumed = args.workdir / "smoke-uninterrupted", args.workdir / "smoke-resumed"
+    for folder, env in ((uninterrupted, {}), (resumed, {"OFFLOAD_PRUNE_KILL_AT_STEP": SMOKE_KILL_STEP})):
+        done = subprocess.run([sys.executable, "-m", "offload_prune", *flags, "--save", str(folder), "--overwrite",
+                               "--quiet"], capture_output=True, text=True, env={**os.environ, **env})
+        killed = done.returncode == -9
+        if done.returncode and not killed:
+            raise SystemExit(f"offload-prune exited {done.returncode}:\n{done.stderr[-3000:]}")
+    again = subprocess.run([sys.executable, "-m", "offload_prune", *flags, "--save", str(resumed), "--resume",
+                            "--quiet"], capture_output=True, text=True)
+    if again.returncode:
+        raise SystemExit(f"the resumed run exited {again.returncode}:\n{again.stderr[-3000:]}")
+    digests = [{f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
+               for folder in (uninterrupted, resumed)]
+    return {"killed_at": SMOKE_KILL_STEP, "was_killed": killed, "shards": len(digests[0]),
+            "identical_to_uninterrupted": digests[0] == digests[1] and bool(digests[0])}
+
+
 def child(args) -> dict:
     """One part, in this (fresh) process."""
+    if args.child in SMOKE_PARTS:
+        return smoke(args)
     shape, method, how = PARTS[args.child]
     if how == "profile":
         return profiled(args, checkpoint(args, shape, PROFILED_BLOCKS), method)
@@ -128,15 +187,19 @@ def describe_device(device: str) -> str:
 
 
 def summary(results: dict) -> str:
-    lines = ["| part | activations | wall | per block | peak device reserved | device plan | peak host RSS | host plan |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| part | activations | wall | per block | peak device allocated | peak device reserved | device plan | "
+             "peak host RSS | host plan |", "|---|---|---|---|---|---|---|---|---|"]
     for part, r in results.items():
+        if "identical_to_uninterrupted" in r:
+            lines.append(f"| {part} | killed at {r['killed_at']} ({r['was_killed']}), resumed: shards "
+                         f"{'identical' if r['identical_to_uninterrupted'] else 'DIFFERENT'} | | | | | | | |")
+            continue
         if "top_self_share" in r:
             continue  # printed apart, by profile()
         gib = lambda key: f"{r[key] / GIB:.2f} GiB" if r.get(key) is not None else "-"  # noqa: E731
         wall = r.get("wall_seconds", r.get("seconds"))
         per_block = f"{r['seconds_per_block']:.1f} s" if "seconds_per_block" in r else "-"
-        lines.append(f"| {part} | {r.get('activation_store', 'whole model')} | {wall:.0f} s | {per_block} | {gib('peak_device_reserved')} | {gib('planned_device')} | "
+        lines.append(f"| {part} | {r.get('activation_store', 'whole model')} | {wall:.0f} s | {per_block} | {gib('peak_device_allocated')} | {gib('peak_device_reserved')} | {gib('planned_device')} | "
                      f"{gib('peak_host_rss') if 'peak_host_rss' in r else gib('peak_rss')} | {gib('planned_host')} |")
     return "\n".join(lines)
 
@@ -150,7 +213,7 @@ def profile(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=[*PARTS, *SMOKE_PARTS], default=list(PARTS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
@@ -158,8 +221,11 @@ def main() -> None:
     parser.add_argument("--width", choices=["real", "small"], default="real", help="small: a dry run's shapes")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "offload-prune-gpu")
     parser.add_argument("--out", type=Path, default=Path("out"))
-    parser.add_argument("--child", choices=PARTS)
+    parser.add_argument("--child", choices=[*PARTS, *SMOKE_PARTS])
+    parser.add_argument("--smoke", action="store_true", help="the CUDA path end to end in ~8 minutes (SMOKE_PARTS)")
     args = parser.parse_args()
+    if args.smoke and not args.child:
+        args.parts = list(SMOKE_PARTS)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.child:
         print(json.dumps(child(args)))
@@ -174,7 +240,9 @@ def main() -> None:
         if part in results:
             continue
         command = [sys.executable, __file__, "--child", part, *sys.argv[1:]]
+        started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
+        print(f"{part}: {time.perf_counter() - started:.0f} s", flush=True)
         if done.returncode:
             print(f"{part} failed:\n{done.stderr[-3000:]}")
             continue

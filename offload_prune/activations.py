@@ -23,6 +23,27 @@ from . import durable
 STAGING_BYTES = 16 << 20
 
 
+def pinned_bytes(nbytes: int) -> int:
+    """What a page-locked buffer of `nbytes` takes: PyTorch's host caching allocator rounds every request
+    up to a power of two (a 2.5 GiB cache takes 4 GiB)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def empty_pinned_cache() -> None:
+    """Hand freed page-locked blocks back to the system: the host caching allocator keeps them otherwise."""
+    accelerator = getattr(torch, "accelerator", None)
+    empty = getattr(accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
+
+
+def may_copy_asynchronously(target: torch.Tensor) -> bool:
+    """Whether a copy from a GPU into `target` may return before it is done: into device or page-locked
+    memory only. Into pageable memory (a memory-mapped activation file, whose bytes are summed right
+    after) CUDA 12 does not promise the copy is finished on return (HMM/ATS systems)."""
+    return target.device.type != "cpu" or target.is_pinned()
+
+
 class ActivationStore:
     def __init__(self, folder: Path, shape: tuple[int, ...], dtype: torch.dtype, where: str = "ram",
                  device: torch.device = torch.device("cpu"), tag: str = ""):
@@ -136,19 +157,46 @@ class ActivationStore:
         summed = self._summed if self._summed is not None and self._summed[1] == self.shape[0] else None
         self._summed = None
 
+        # On a GPU the device cache is copied out on a stream of its own, after what filled it: the next
+        # block's compute on the default stream does not queue behind the copies.
+        ready = None
+        if self.where == "device" and self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+
         def persist(index: int) -> durable.FileRecord:
             if self.on_disk:  # filled through the mapping; read back unless every row was summed as written
                 return durable.write_file(self.path(index), lambda tmp: summed[0] if summed else None)
             if self.where == "device":
-                return durable.write_file(self.path(index), lambda tmp: self._write_staged(tmp, filled))
+                return durable.write_file(self.path(index), lambda tmp: self._write_staged(tmp, filled, ready))
             return durable.write_bytes(self.path(index), durable.tensor_bytes(filled))
         return persist
 
-    def _write_staged(self, tmp: Path, filled: torch.Tensor) -> int:
-        """The device cache's bytes into `tmp` a staging buffer at a time; their CRC-32."""
-        # copy_ to pageable or pinned memory waits for the device: the bytes are there when written.
-        return durable.write_around_cache(tmp, lambda: (durable.tensor_bytes(host.copy_(device))
-                                                       for host, device in self._staged(filled)))
+    def _write_staged(self, tmp: Path, filled: torch.Tensor, ready=None) -> int:
+        """The device cache's bytes into `tmp` a staging buffer at a time; their CRC-32. `ready`: the CUDA
+        event after which the cache is complete."""
+        if ready is None:  # copy_ to host memory waits for the device: the bytes are there when written
+            return durable.write_around_cache(tmp, lambda: (durable.tensor_bytes(host.copy_(device))
+                                                           for host, device in self._staged(filled)))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_event(ready)
+
+        def pieces():
+            for host, device in self._staged(filled):
+                with torch.cuda.stream(stream):
+                    host.copy_(device, non_blocking=may_copy_asynchronously(host))
+                stream.synchronize()  # the staging buffer is written out only once its copy is done
+                yield durable.tensor_bytes(host)
+        return durable.write_around_cache(tmp, pieces)
 
     def release(self) -> None:
+        """Free the cache now, and hand it back to the system rather than to torch's caches: the phases
+        after the blocks (write, evaluation) are planned without it."""
+        held = self.tensor is not None or self._output is not None
         self.tensor = self._output = self._summed = None
+        if not held:
+            return
+        if self.where == "device" and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.pin:
+            empty_pinned_cache()

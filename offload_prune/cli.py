@@ -176,12 +176,27 @@ def run_plan(argv: list[str]) -> int:
     device_type = "cpu" if config.device == "cpu" else ("cuda" if config.device != "auto" else _auto_device())
     text_size, eval_windows = _text_sizes(config)
     model_config = load_config_only(config.model)
+    shard_dtypes = _local_shard_dtypes(config.model)
     config, plan = resolve_activation_store(config, lambda options: memory_plan(
-        per_rank(options, Ranks(0, ranks)), model_config, device_type, text_size, eval_windows),
+        per_rank(options, Ranks(0, ranks)), model_config, device_type, text_size, eval_windows,
+        shard_dtypes=shard_dtypes),
         device_free_bytes(torch.device(device_type if config.device == "auto" else config.device)))
     print(format_plan(plan, config.model) + (f"\n(per rank, for rank 0 of {ranks})" if ranks > 1 else ""))
     check_budget(plan, config)
     return 0
+
+
+def _local_shard_dtypes(model: str) -> list:
+    """The stored dtypes of a local checkpoint's tensors (its shard headers), which a run computes from;
+    none for a hub id or a folder with config.json alone (the plan then goes by config.json)."""
+    from .checkpoint import CheckpointReader
+
+    if not Path(model).expanduser().is_dir():
+        return []
+    try:
+        return list(CheckpointReader(model).dtypes.values())
+    except OffloadPruneError:
+        return []
 
 
 def _text_sizes(config: PruneConfig) -> tuple[int, int]:

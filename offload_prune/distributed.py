@@ -22,6 +22,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from .config import OffloadPruneError
+
 #: A block's solves can take long on one rank while the others wait in a collective.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=6)
 
@@ -29,25 +31,33 @@ T = TypeVar("T")
 
 
 class Ranks:
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, bound: torch.device | None = None):
         self.rank, self.world, self.local_rank = rank, world, local_rank
+        # The GPU this rank computes on and stages its collectives on (None: one process, or CPUs).
+        self.bound = bound
 
     @classmethod
-    def from_environment(cls, device_type: str) -> "Ranks":
+    def from_environment(cls, device: torch.device) -> "Ranks":
         """The ranks torchrun started (its WORLD_SIZE, RANK, LOCAL_RANK and rendezvous variables), joined
-        over NCCL on GPUs and gloo on CPUs; one process otherwise."""
+        over NCCL on GPUs and gloo on CPUs; one process otherwise. On GPUs each rank is bound to its own
+        before the process group exists: NCCL's object collectives stage their tensors on the current
+        device, which is cuda:0 on every rank until it is set ("Duplicate GPU detected", or a hang)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        bound = rank_device(device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+            if bound.type == "cuda":
+                torch.cuda.set_device(bound)
+                dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=bound)
+            else:
+                dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, bound if bound.type == "cuda" else None)
 
     def device(self, device: torch.device) -> torch.device:
-        """Each rank its own GPU (LOCAL_RANK) unless the command names one."""
-        if self.world > 1 and device.type == "cuda" and device.index is None:
-            return torch.device("cuda", self.local_rank)
-        return device
+        """The device this rank computes on: its own GPU under torchrun, else `device`."""
+        return self.bound if self.bound is not None else device
 
     @property
     def lead(self) -> bool:
@@ -143,5 +153,19 @@ class Ranks:
             dist.destroy_process_group()
 
     def _collective_device(self) -> torch.device:
-        # NCCL moves only GPU tensors; gloo only CPU ones.
-        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        # NCCL moves only GPU tensors, each rank's on its own GPU; gloo only CPU ones.
+        return self.bound if self.bound is not None else torch.device("cpu")
+
+
+def rank_device(device: torch.device, local_rank: int, local_world: int) -> torch.device:
+    """The device of rank `local_rank` of the `local_world` ranks on this machine: for `cuda`, GPU
+    LOCAL_RANK; a GPU named by its index only when it is this machine's only rank (two ranks on one GPU
+    would stop NCCL)."""
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        return torch.device("cuda", local_rank)
+    if local_world > 1:
+        raise OffloadPruneError(f"--device {device} names one GPU for the {local_world} torchrun ranks on this "
+                                f"machine: give --device cuda, and each rank computes on GPU LOCAL_RANK")
+    return device

@@ -30,7 +30,7 @@ def perplexity(reader: CheckpointReader, windows: torch.Tensor, device: torch.de
     streamed = StreamedModel(reader, device, dtype)
     with tempfile.TemporaryDirectory(prefix="offload-prune-eval-") as tmp:
         store = ActivationStore(Path(tmp), (len(windows), seqlen, reader.config.hidden_size), dtype,
-                                "disk" if on_disk else "ram")
+                                "disk" if on_disk else "ram", device)  # page-locked when a GPU computes
         hidden = store.create(0)
         streamed.load_outside(with_head=False)
         layer_kwargs = streamed.capture_into(windows, hidden, quiet, f"{label}: embed")
@@ -45,6 +45,8 @@ def perplexity(reader: CheckpointReader, windows: torch.Tensor, device: torch.de
         for i in tqdm(range(len(windows)), desc=f"{label}: logits", disable=quiet, leave=False):
             mean_nll = streamed.next_token_nll(hidden[i:i + 1], windows[i:i + 1], chunk) / (seqlen - 1)
             nlls.append(mean_nll * seqlen)  # as the reference scripts weigh each window
+        del hidden
+        store.release()
     return {"ppl": math.exp(sum(nlls) / (len(windows) * seqlen)), "windows": len(windows),
             "seqlen": seqlen, "seconds": time.perf_counter() - start}
 

@@ -40,7 +40,7 @@ class HeadGroups:
     def rows(self, matrix: Matrix, groups: torch.Tensor) -> torch.Tensor:
         """Rows of an input projection (or, for the output projection, columns) held by these groups."""
         size = (matrix.in_features if matrix is self.output else matrix.out_features) // self.groups
-        return (groups[:, None] * size + torch.arange(size)).reshape(-1)
+        return (groups[:, None] * size + torch.arange(size, device=groups.device)).reshape(-1)
 
     def columns(self, groups: torch.Tensor) -> torch.Tensor:
         return self.rows(self.output, groups)

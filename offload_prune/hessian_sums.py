@@ -34,25 +34,32 @@ CHUNK_ENTRIES = 1 << 20
 @contextlib.contextmanager
 def no_tf32():
     """TF32 matmuls would corrupt the Hessian and its inverse (the reference turns them off too).
-    torch >= 2.9 has `fp32_precision`; once a process has used it, reading the legacy `allow_tf32`
-    flags raises, so the legacy flags are touched only where the new API does not exist."""
-    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn]
-    if all(hasattr(knob, "fp32_precision") for knob in knobs):
-        saved = [knob.fp32_precision for knob in knobs]
-        for knob in knobs:
-            knob.fp32_precision = "ieee"
+    torch >= 2.9 has two APIs for it that must not be mixed: once a process has set one, reading the
+    other raises, and cuBLAS reads the legacy one on every float32 matmul. So the precision is set
+    through the API this process already uses: the legacy one while it still reads (the default, or
+    `set_float32_matmul_precision` / `allow_tf32` by the user), else `fp32_precision`."""
+    try:
+        saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the process set fp32_precision: the legacy flags no longer read
+        saved = None
+    if saved is not None:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
         try:
             yield
         finally:
-            for knob, value in zip(knobs, saved):
-                knob.fp32_precision = value
+            torch.set_float32_matmul_precision(saved[0])
+            torch.backends.cudnn.allow_tf32 = saved[1]
         return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn]
+    precisions = [knob.fp32_precision for knob in knobs]
+    for knob in knobs:
+        knob.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for knob, value in zip(knobs, precisions):
+            knob.fp32_precision = value
 
 
 class Float32Sum:

@@ -21,6 +21,7 @@ import torch
 
 from .config import OffloadPruneError
 from .matrices import Matrix
+from .neurons import statistics_dtype
 
 BISECTION_STEPS = 100
 
@@ -32,7 +33,8 @@ class OutlierCounter:
         self.sum_squares: dict[str, torch.Tensor] = {}
 
     def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        x = inputs.reshape(-1, inputs.shape[-1])
+        x = x.to(statistics_dtype(x.device))  # on a GPU float32, as Wanda: a float64 copy is not planned
         squares = (x * x).sum(dim=0)
         self.sum_squares[name] = self.sum_squares[name] + squares if name in self.sum_squares else squares
 

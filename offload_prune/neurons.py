@@ -67,12 +67,17 @@ def highest(scores: torch.Tensor, count: int) -> torch.Tensor:
 def rows_of(neurons: torch.Tensor, matrix: Matrix, width: int) -> torch.Tensor:
     """Rows of an input matrix that belong to these neurons: k rows per neuron when projections are
     fused ([gate..., up...] or interleaved [gate0, up0, ...])."""
-    k = matrix.out_features // width
+    return neuron_rows(neurons, matrix.out_features // width, width, matrix.interleaved)
+
+
+def neuron_rows(neurons: torch.Tensor, k: int, width: int, interleaved: bool) -> torch.Tensor:
+    """The rows of `neurons` (on their device) in a matrix of k rows for each of `width` neurons."""
     if k == 1:
         return neurons
-    if matrix.interleaved:
-        return (neurons[:, None] * k + torch.arange(k)).reshape(-1)
-    return (torch.arange(k)[:, None] * width + neurons).reshape(-1)
+    offsets = torch.arange(k, device=neurons.device)
+    if interleaved:
+        return (neurons[:, None] * k + offsets).reshape(-1)
+    return (offsets[:, None] * width + neurons).reshape(-1)
 
 
 def fold_rows(values: torch.Tensor, matrix: Matrix, width: int) -> torch.Tensor:
@@ -91,15 +96,21 @@ def neuron_norms(unit: MlpUnit) -> torch.Tensor:
 
 @dataclass
 class InputMoments:
-    """Of the output matrix's input (one value per neuron), over the calibration tokens."""
+    """Of the output matrix's input (one value per neuron), over the calibration tokens. The sums are
+    taken about a shift, the first micro-batch's mean: E[x^2] - E[x]^2 in float32 (a GPU's statistics)
+    cancels away the variance of a neuron whose mean is large beside its spread (mean 8, std 1e-3:
+    1.9e-5 for 3.8e-7), and those quiet neurons are the ones FLAP removes first."""
     tokens: int
-    sums: torch.Tensor                 # float64 [n]
-    squares: torch.Tensor              # float64 [n]
-    gram: torch.Tensor | None = None   # sum x x^T [n, n], when the output matrix is refitted
+    sums: torch.Tensor                  # sum (x - shift) [n]
+    squares: torch.Tensor               # sum (x - shift)^2 [n]
+    shift: torch.Tensor | None = None   # [n], set by the first add
+    gram: torch.Tensor | None = None    # sum (x - shift)(x - shift)^T [n, n], when the output matrix is refitted
 
     def add(self, x: torch.Tensor, with_gram: bool) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        x = x.double() if x.device.type == "cpu" else x.float()
+        x = x.reshape(-1, x.shape[-1]).to(self.sums.dtype)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
         self.tokens += x.shape[0]
         self.sums += x.sum(0)
         self.squares += (x * x).sum(0)
@@ -107,31 +118,43 @@ class InputMoments:
             self.gram = x.T @ x if self.gram is None else self.gram.addmm_(x.T, x)
 
     @classmethod
-    def empty(cls, n: int, device: torch.device) -> "InputMoments":
-        dtype = torch.float64 if device.type == "cpu" else torch.float32
+    def empty(cls, n: int, device: torch.device, dtype: torch.dtype | None = None) -> "InputMoments":
+        dtype = dtype or statistics_dtype(device)
         return cls(0, torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device))
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.sums / max(self.tokens, 1)
+        offset = self.sums / max(self.tokens, 1)
+        return offset if self.shift is None else offset + self.shift
 
     @property
     def variance(self) -> torch.Tensor:
-        return (self.squares / max(self.tokens, 1) - self.mean ** 2).clamp_min(0)
+        offset = self.sums / max(self.tokens, 1)
+        return (self.squares / max(self.tokens, 1) - offset ** 2).clamp_min(0)
+
+    def gram_columns(self, kept: torch.Tensor, centred: bool, dtype: torch.dtype) -> torch.Tensor:
+        """Columns `kept` of sum x x^T, or with `centred` of the covariance sum (x - mean)(x - mean)^T / n,
+        made from the shifted sums without a second [n, n] matrix."""
+        columns = self.gram[:, kept].to(dtype)
+        sums, shift, n = self.sums.to(dtype), self.shift.to(dtype), self.tokens
+        if centred:
+            offset = sums / n
+            return columns.div_(n).addr_(offset, offset[kept], alpha=-1)
+        return columns.addr_(shift, sums[kept]).addr_(sums, shift[kept]).addr_(shift, shift[kept], alpha=n)
 
 
 def refit_output(weight: torch.Tensor, moments: InputMoments, kept: torch.Tensor, with_bias: bool,
                  percdamp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares output weights on the kept neurons, and the bias shift when there is a bias.
-    Memory beyond the moments (n inputs, k kept, `out` rows; `refit_bytes` counts it): W and H[:, S]
-    while W H[:, S] is made, then H_SS and its Cholesky factor with the right-hand sides."""
+    """Least-squares output weights on the kept neurons, and the bias shift when there is a bias (the
+    intercept absorbs the means: the centred inputs are fitted). Memory beyond the moments (n inputs, k
+    kept, `out` rows; `refit_bytes` counts it): W and H[:, S] while W H[:, S] is made, then H_SS and its
+    Cholesky factor with the right-hand sides."""
     w = weight.double() if weight.device.type == "cpu" else weight.float()
-    gram, shift = moments.gram.to(w.dtype), None
-    if with_bias:  # the intercept absorbs the means: fit the centred inputs
+    shift = None
+    if with_bias:
         mean = moments.mean.to(w.dtype)
-        gram = (gram / moments.tokens).addr_(mean, mean, alpha=-1)
         shift = w @ mean
-    columns = gram[:, kept]                                      # H[:, S]
+    columns = moments.gram_columns(kept, with_bias, w.dtype)    # H[:, S]
     right = w @ columns                                          # W H[:, S], [out, k]
     del w
     system = columns[kept]                                       # H_SS
@@ -148,7 +171,14 @@ def refit_bytes(width: int, kept: int, out: int, with_bias: bool) -> int:
     """Peak bytes of `refit_output` beyond the moments, in float64 (CPU) terms."""
     building = out * width + width * kept + out * kept + kept * kept
     solving = 2 * kept * kept + 2 * out * kept
-    return 8 * (max(building, solving) + (width * width if with_bias else 0))
+    return 8 * max(building, solving)
+
+
+def statistics_dtype(device: torch.device) -> torch.dtype:
+    """The dtype per-input statistics (sums of squares, moments) are summed in: float64 on the CPU, so a
+    sum does not depend on how tokens were split into micro-batches; float32 on a GPU, where float64 runs
+    at a small fraction of the speed."""
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 def compensation(weight: torch.Tensor, moments: InputMoments, removed: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ from .neurons import width_setting
 from .masks import zero_lowest
 from .matrices import Matrix, find_matrices, observe, other_weights
 from .passes import LAYER_KWARGS, Run, advance_inputs, capture, collect, dense_pass
-from .plan import check_budget, device_free_bytes, memory_plan, per_rank, resolve_activation_store
+from .plan import (check_budget, compute_dtype, device_free_bytes, memory_plan, per_rank,
+                   resolve_activation_store, stored_dtype)
 from .removal_pass import remove_blocks, removal_report
 from .report import PhaseMeter, current_host_rss_bytes, format_summary, module_stats, totals
 from .runstate import FollowerState, RunState
@@ -65,14 +66,8 @@ def pick_device(requested: str) -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device, reader: CheckpointReader) -> torch.dtype:
-    """Compute dtype. On the CPU float32 (half-precision matmuls there are slow or missing); on a GPU
-    the checkpoint's own floating dtype, in which pruned values cast back bit-exactly."""
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device.type == "cpu":
-        return torch.float32
-    stored = [d for d in reader.dtypes.values() if d.is_floating_point]
-    return max(set(stored), key=stored.count) if stored else torch.float32
+    """The compute dtype, chosen as the memory plan chooses it (plan.compute_dtype)."""
+    return compute_dtype(requested, device.type, stored_dtype(reader.config, reader.dtypes.values()))
 
 
 def check_positions(streamed: StreamedModel, seqlen: int) -> None:
@@ -96,7 +91,7 @@ def prune(config: PruneConfig) -> dict:
     keep_large_allocations_mmapped()
     reader = CheckpointReader(config.model)  # config and shard headers only
     device = pick_device(config.device)
-    ranks = Ranks.from_environment(device.type)
+    ranks = Ranks.from_environment(device)
     try:
         return _prune_on_ranks(config, reader, ranks.device(device), ranks)
     finally:
@@ -131,7 +126,8 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
     own_windows = ranks.windows(len(windows))
     config, plan = resolve_activation_store(config, lambda options: memory_plan(
         per_rank(options, ranks), reader.config, device.type, text_size,
-        len(evaluation) if evaluation is not None else 0, process_bytes=process_bytes),
+        len(evaluation) if evaluation is not None else 0, process_bytes=process_bytes,
+        shard_dtypes=reader.dtypes.values()),
         device_free_bytes(device))
     if asked == "auto" and not config.quiet:
         print(f"--offload-activations auto: {config.offload_activations} (device plan "
@@ -172,7 +168,6 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
                 streamed.close()
         except DiskFullError as exc:
             raise OffloadPruneError(disk_full_message(exc, state.save, layout, activation_bytes)) from None
-        store.release()  # the calibration activations are not needed by the evaluation
         if not ranks.lead:
             return {"rank": ranks.rank, "ranks": ranks.world, "save": str(state.save)}
         return _evaluate_and_report(run, evaluation, plan, dtype, resumed)
@@ -233,6 +228,7 @@ def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
             remove_blocks(run, windows)
         else:
             _prune_blocks(run, windows)
+    run.store.release()  # the write and evaluation phases are planned without the calibration activations
     if not state.manifest["finalized"] and run.ranks.lead:
         with meter("write"):
             write_outside(run)

@@ -24,12 +24,12 @@ suite checks each phase against the peak a run measures (report.json, `phase_pea
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import psutil
 import torch
 
-from .activations import STAGING_BYTES
+from .activations import STAGING_BYTES, pinned_bytes
 from .config import OffloadPruneError, PruneConfig
 from .distributed import Ranks
 from .durable import DIRECT_STAGING_BYTES
@@ -56,17 +56,25 @@ PHASES = ("calibration", "capture", "prune", "write", "eval")
 STORE_WORDS = {"ram": "in RAM", "disk": "on disk", "device": "on the device"}
 
 
-def stored_dtype(model_config) -> torch.dtype:
+def stored_dtype(model_config, shard_dtypes: Iterable[torch.dtype] = ()) -> torch.dtype:
+    """The floating dtype the checkpoint stores: the shards' most common when their headers were read
+    (they are what is loaded), else what config.json says."""
+    stored = [dtype for dtype in shard_dtypes if dtype.is_floating_point]
+    if stored:
+        return max(set(stored), key=lambda dtype: (stored.count(dtype), str(dtype)))
     value = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else torch.float32
 
 
-def planned_compute_dtype(config: PruneConfig, device_type: str, model_config) -> torch.dtype:
-    if config.dtype != "auto":
-        return getattr(torch, config.dtype)
-    return torch.float32 if device_type == "cpu" else stored_dtype(model_config)
+def compute_dtype(requested: str, device_type: str, stored: torch.dtype) -> torch.dtype:
+    """The dtype a run computes in, for the run and its plan alike: --dtype, else float32 on the CPU
+    (half-precision matmuls there are slow or missing) and the stored dtype on a GPU (pruned values cast
+    back to it bit-exactly)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    return torch.float32 if device_type == "cpu" else stored
 
 
 def micro_batch_bytes(config: PruneConfig, model_config, itemsize: int) -> int:
@@ -83,11 +91,12 @@ def logits_chunk_positions(vocab_size: int) -> int:
 
 
 def memory_plan(config: PruneConfig, model_config, device_type: str, calibration_text_bytes: int = 0,
-                eval_windows: int = 0, process_bytes: int = PROCESS_BASELINE_BYTES) -> dict:
+                eval_windows: int = 0, process_bytes: int = PROCESS_BASELINE_BYTES,
+                shard_dtypes: Iterable[torch.dtype] = ()) -> dict:
     model, _, layers = build_skeleton(model_config)
     block = layers[0]
-    compute = planned_compute_dtype(config, device_type, model_config)
-    stored = stored_dtype(model_config)
+    stored = stored_dtype(model_config, shard_dtypes)
+    compute = compute_dtype(config.dtype, device_type, stored)
     on_cpu = device_type == "cpu"
     store = config.offload_activations
     if store not in ("ram", "disk", "device"):
@@ -162,9 +171,11 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         cached = name in ("capture", "owl", "influence", "prune")
         # The device store's cache is device memory; persisted and reopened through a host staging buffer.
         on_device = {"activation_cache": cache} if store == "device" and cached else {}
-        caches = {"activation_cache": cache if store == "ram" and cached else 0,
-                  "activation_staging": min(STAGING_BYTES, cache) if on_device else 0,
-                  "eval_cache": eval_cache if store != "disk" and name == "eval" else 0}
+        # Host caches are page-locked when a GPU computes, and take their size rounded up to a power of two.
+        host_cache = pinned_bytes if device_type == "cuda" else int
+        caches = {"activation_cache": host_cache(cache) if store == "ram" and cached else 0,
+                  "activation_staging": host_cache(min(STAGING_BYTES, cache)) if on_device else 0,
+                  "eval_cache": host_cache(eval_cache) if store != "disk" and name == "eval" else 0}
         fixed = {"process": process_bytes, "runtime_growth": RUNTIME_GROWTH_BYTES if name != "calibration" else 0,
                  **caches}
         fixed = {k: v for k, v in fixed.items() if v}

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from .activations import may_copy_asynchronously
 from .checkpoint import CheckpointReader
 from .config import OffloadPruneError
 from .overlap import ReadAhead
@@ -285,13 +286,14 @@ def run_windows(layer: nn.Module, kwargs: dict, inputs: torch.Tensor, outputs: t
     # On a GPU the copies are queued on the compute stream (asynchronous from a pinned cache) and the host
     # waits once, at the end: a micro-batch's outputs overwrite its own inputs only after the copy that
     # read them, in stream order.
+    queued = outputs is not None and may_copy_asynchronously(outputs)
     for start in range(0, inputs.shape[0], micro_batch_size):
         batch = slice(start, start + micro_batch_size)
         out = layer(inputs[batch].to(device, non_blocking=True), **kwargs)
         # transformers 5 returns a tensor; 4.x returned a tuple whose first item is the hidden states.
         out = out[0] if isinstance(out, tuple) else out
         if outputs is not None:
-            outputs[batch].copy_(out, non_blocking=True)
+            outputs[batch].copy_(out, non_blocking=queued)
             if written is not None:
                 written(batch)
     if device.type == "cuda":

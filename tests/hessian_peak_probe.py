@@ -61,7 +61,7 @@ def main(method_name: str, true_sequential: bool, hessian_dtype: str) -> None:
     held, peak = 0, 0
     for group in method.groups(linears):
         collect(method, block, {n: linears[n] for n in group}, kwargs, x, options, cpu)
-        statistics = (sum(m.gram.nbytes + m.sums.nbytes + m.squares.nbytes for m in method.moments.values())
+        statistics = (sum(m.gram.nbytes + m.sums.nbytes + m.squares.nbytes + m.shift.nbytes for m in method.moments.values())
                       if structured else sum(h.nbytes for h in method.hessians.values()))
         held = max(held, statistics)
         before, _ = status()

@@ -20,6 +20,7 @@ import torch
 
 from ..masks import chunks_of, lowest_k
 from ..matrices import Matrix
+from ..neurons import neuron_rows
 from .wanda import Wanda
 
 
@@ -51,12 +52,8 @@ def deal_out(importance: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def neuron_row_order(order: torch.Tensor, rows: int, interleaved: bool) -> torch.Tensor:
-    """The row order of a matrix whose rows hold k = rows / neurons projections of each neuron."""
-    neurons = order.numel()
-    k = rows // neurons
-    if interleaved:
-        return (order[:, None] * k + torch.arange(k)).reshape(-1)
-    return (torch.arange(k)[:, None] * neurons + order[None, :]).reshape(-1)
+    """The row order of a matrix whose rows hold rows / neurons projections of each neuron."""
+    return neuron_rows(order, rows // order.numel(), order.numel(), interleaved)
 
 
 class RIA(Wanda):

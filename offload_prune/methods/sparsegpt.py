@@ -168,6 +168,9 @@ class SparseGPT(PruningMethod):
     #: float32 [cols, cols] matrices alive while one input's Hessian is factorised (H and its factor, then
     #: the factor and the inverse), and while that input's matrices are pruned (the factor).
     squares_factorising, squares_pruning = 2, 1
+    #: On CUDA, torch.cholesky_inverse solves against an identity through cuSOLVER: the factor, the identity
+    #: and the result exist at once, one square more than LAPACK's in-place inverse on the CPU.
+    cuda_inverse_squares = 1
 
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype, device_type: str) -> dict[str, int]:
         """Hessians are [cols, cols] in hessian_dtype, one per shared input (q/k/v and gate/up share
@@ -183,7 +186,8 @@ class SparseGPT(PruningMethod):
                 square = members[0].in_features ** 2 * 4
                 rounding = sizes[k] + self.sum_type.rounding_bytes(members[0].in_features)
                 per_matrix = max(self._pruning_bytes(m, compute_dtype, device_type) for m in members)
-                prune_peak = max(prune_peak, later + rounding, later + self.squares_factorising * square,
+                factorising = self.squares_factorising + (self.cuda_inverse_squares if device_type == "cuda" else 0)
+                prune_peak = max(prune_peak, later + rounding, later + factorising * square,
                                  later + self.squares_pruning * square + per_matrix)
         return {"statistics": statistics, "prune": prune_peak}
 

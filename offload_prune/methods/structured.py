@@ -107,8 +107,8 @@ class StructuredNeurons(PruningMethod):
         return [u.output for u in mlp_units(linears)] + [h.output for h in self._head_units(linears)]
 
     def _moments_bytes(self, linears: dict[str, Matrix]) -> int:
-        """float64 sums and squares per input column of each output matrix, and H when refitting."""
-        return sum(m.in_features * 16 + (m.in_features ** 2 * 8 if self.refit else 0) for m in self._outputs(linears))
+        """float64 sums, squares and shift per input column of each output matrix, and H when refitting."""
+        return sum(m.in_features * 24 + (m.in_features ** 2 * 8 if self.refit else 0) for m in self._outputs(linears))
 
     def memory_bytes(self, linears: dict[str, Matrix], compute_dtype: torch.dtype, device_type: str) -> dict[str, int]:
         """The scorer's own terms with the moments on top; then, one after the other, the neuron scores

@@ -10,7 +10,7 @@ import torch
 
 from ..distributed import Ranks
 from ..matrices import Matrix
-from ..neurons import InputMoments, MlpUnit, fold_rows
+from ..neurons import InputMoments, MlpUnit, fold_rows, statistics_dtype
 from .base import ScoreMaskMethod
 
 
@@ -24,7 +24,7 @@ class Wanda(ScoreMaskMethod):
 
     def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1])
-        x = x.to(_sum_dtype(x.device))
+        x = x.to(statistics_dtype(x.device))
         squares = (x * x).sum(dim=0)
         if name in self.sum_squares:
             self.sum_squares[name] += squares
@@ -34,7 +34,7 @@ class Wanda(ScoreMaskMethod):
     def reduce_statistics(self, ranks: Ranks, linears: dict[str, Matrix]) -> None:
         def empty(name: str) -> torch.Tensor:
             device = linears[name].weight.device
-            return torch.zeros(linears[name].in_features, device=device, dtype=_sum_dtype(device))
+            return torch.zeros(linears[name].in_features, device=device, dtype=statistics_dtype(device))
         ranks.sum_named(self.sum_squares, list(linears), empty)
 
     def discard(self, names: list[str]) -> None:
@@ -56,8 +56,3 @@ class Wanda(ScoreMaskMethod):
             norms = self.sum_squares.pop(m.name).to(out.device, torch.float64).sqrt()
             scores += fold_rows(m.weight.double().abs() @ norms, m, unit.neurons)
         return scores
-
-
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    """The dtype squares are summed in (see the module's text)."""
-    return torch.float64 if device.type == "cpu" else torch.float32
