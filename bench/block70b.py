@@ -44,12 +44,12 @@ def statistics_time(model: Path, args, share: bool) -> dict[str, float]:
     pass through the block, Hessians shared or not; the block's own forward is left out (the same)."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from offload_prune.checkpoint import CheckpointReader
+    from offload_prune.disk.checkpoint import CheckpointReader
     from offload_prune.config import PruneConfig
     from offload_prune.methods.sparsegpt import SparseGPT
-    from offload_prune.matrices import describe, find_matrices
-    from offload_prune.passes import collect
-    from offload_prune.skeleton import StreamedModel
+    from offload_prune.model.matrices import describe, find_matrices
+    from offload_prune.stream.passes import collect
+    from offload_prune.model.skeleton import StreamedModel
 
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
@@ -133,7 +133,7 @@ def main() -> None:
         compare_hessian_sharing(model, args)
 
     from offload_prune.config import PruneConfig
-    from offload_prune.plan import format_plan, memory_plan
+    from offload_prune.plan.memory import format_plan, memory_plan
     full = LlamaConfig(num_hidden_layers=80, dtype="float16", **LLAMA2_70B)
     print("\nplan for the full LLaMA-2-70B (128 x 2048 calibration tokens) on a GPU:")
     for offload in ("ram", "disk"):

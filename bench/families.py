@@ -26,9 +26,9 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from offload_prune.calibration import load_text, sample_windows, tokenize
+    from offload_prune.data.calibration import load_text, sample_windows, tokenize
     from offload_prune.config import PruneConfig
-    from offload_prune.pipeline import prune
+    from offload_prune.stream.pipeline import prune
 
     print(f"machine: {machine()}, transformers {transformers.__version__}\n")
     print("| family | model class | runs | weight matrices | sparsity, all block weights | routers (dense) | "

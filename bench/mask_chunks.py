@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from offload_prune import masks
-from offload_prune.hostmem import keep_large_allocations_mmapped
+from offload_prune.runtime import masks
+from offload_prune.runtime.hostmem import keep_large_allocations_mmapped
 from memory import WIDTH, machine
 
 

@@ -43,7 +43,7 @@ def vm_hwm() -> int:
 
 def child_streaming(model: Path, save: Path, nsamples: int, seqlen: int, overlap_io: bool = True) -> dict:
     from offload_prune.config import PruneConfig
-    from offload_prune.pipeline import prune
+    from offload_prune.stream.pipeline import prune
     start = time.perf_counter()
     prune(PruneConfig(model=str(model), save=save, prune_method="wanda", calib_data=str(model / "demo.txt"),
                       nsamples=nsamples, seqlen=seqlen, overwrite=True, quiet=True, overlap_io=overlap_io))
@@ -63,12 +63,12 @@ def whole_model_prune(model: Path, save: Path, method_name: str, nsamples: int, 
     propagation (the same method code the stream runs), and save_pretrained in fp16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from offload_prune.calibration import load_text, sample_windows, tokenize
+    from offload_prune.data.calibration import load_text, sample_windows, tokenize
     from offload_prune.config import PruneConfig
     from offload_prune.methods import build_method
-    from offload_prune.matrices import describe, find_matrices
-    from offload_prune.passes import collect
-    from offload_prune.skeleton import run_windows
+    from offload_prune.model.matrices import describe, find_matrices
+    from offload_prune.stream.passes import collect
+    from offload_prune.model.skeleton import run_windows
 
     start = time.perf_counter()
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()

@@ -62,7 +62,7 @@ def replan(report: dict) -> dict:
     from transformers import AutoConfig
 
     from offload_prune.config import PruneConfig
-    from offload_prune.plan import TOKENIZE_BYTES_PER_TEXT_BYTE, memory_plan
+    from offload_prune.plan.memory import TOKENIZE_BYTES_PER_TEXT_BYTE, memory_plan
     old = report["memory_plan"]
     hosts = {name: phase["host_parts"] for name, phase in old["phases"].items()}
     options = {k: v for k, v in report["options"].items() if k != "prune_method"}

@@ -45,8 +45,8 @@ class Bench:
     """One preset: its calibration and evaluation text, and runs of the pruner against it."""
 
     def __init__(self, preset_name: str, out: Path, preset: dict | None = None):
-        from offload_prune.evaluate import evaluation_windows
-        from offload_prune.pipeline import load_tokenizer
+        from offload_prune.evaluation.perplexity import evaluation_windows
+        from offload_prune.stream.pipeline import load_tokenizer
 
         preset = preset or PRESETS[preset_name]
         if not (preset["model"] / "config.json").exists():
@@ -73,8 +73,8 @@ class Bench:
                 + (f", first {p['eval_max_windows']}" if p["eval_max_windows"] else ", all"))
 
     def perplexity(self, folder: Path) -> float | None:
-        from offload_prune.checkpoint import CheckpointReader
-        from offload_prune.evaluate import perplexity
+        from offload_prune.disk.checkpoint import CheckpointReader
+        from offload_prune.evaluation.perplexity import perplexity
         if self.eval_ids is None:
             return None
         return perplexity(CheckpointReader(str(folder)), self.eval_ids, torch.device("cpu"), torch.float32,
@@ -83,7 +83,7 @@ class Bench:
     def prune(self, method: str, save: Path, **options) -> dict:
         """Prune the preset's model into `save` with its calibration; returns the run's report."""
         from offload_prune.config import PruneConfig
-        from offload_prune.pipeline import prune
+        from offload_prune.stream.pipeline import prune
 
         p = self.preset
         settings = {"nsamples": p["nsamples"], "seqlen": p["seqlen"], "quiet": True, **options}

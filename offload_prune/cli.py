@@ -162,11 +162,11 @@ def plan_parser() -> argparse.ArgumentParser:
 
 
 def run_plan(argv: list[str]) -> int:
-    from .distributed import Ranks
     import torch
 
-    from .plan import (check_budget, device_free_bytes, format_plan, load_config_only, memory_plan, per_rank,
-                       resolve_activation_store)
+    from .plan.memory import (check_budget, device_free_bytes, format_plan, load_config_only, memory_plan, per_rank,
+                              resolve_activation_store)
+    from .runtime.distributed import Ranks
 
     options = _options(plan_parser(), argv)
     ranks = options.pop("ranks")
@@ -189,7 +189,7 @@ def run_plan(argv: list[str]) -> int:
 def _local_shard_dtypes(model: str) -> list:
     """The stored dtypes of a local checkpoint's tensors (its shard headers), which a run computes from;
     none for a hub id or a folder with config.json alone (the plan then goes by config.json)."""
-    from .checkpoint import CheckpointReader
+    from .disk.checkpoint import CheckpointReader
 
     if not Path(model).expanduser().is_dir():
         return []
@@ -206,8 +206,8 @@ def _text_sizes(config: PruneConfig) -> tuple[int, int]:
     text_size = calibration.stat().st_size if calibration.is_file() else 0
     windows = 0
     if config.eval_ppl and Path(config.model).expanduser().is_dir():
-        from .evaluate import evaluation_windows
-        from .pipeline import load_tokenizer
+        from .evaluation.perplexity import evaluation_windows
+        from .stream.pipeline import load_tokenizer
         windows = len(evaluation_windows(config.eval_data, load_tokenizer(Path(config.model).expanduser()),
                                          config.seqlen, config.eval_max_windows))
     elif config.eval_ppl:
@@ -228,9 +228,9 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def run_eval(argv: list[str]) -> int:
-    from .checkpoint import CheckpointReader
-    from .evaluate import evaluation_windows, perplexity
-    from .pipeline import load_tokenizer, pick_device, pick_dtype
+    from .disk.checkpoint import CheckpointReader
+    from .evaluation.perplexity import evaluation_windows, perplexity
+    from .stream.pipeline import load_tokenizer, pick_device, pick_dtype
 
     args = eval_parser().parse_args(argv)
     if not args.eval_data:
@@ -246,7 +246,7 @@ def run_eval(argv: list[str]) -> int:
 
 
 def run_prune(argv: list[str]) -> int:
-    from .pipeline import prune
+    from .stream.pipeline import prune
 
     prune(_config(prune_parser(), argv))
     return 0

@@ -11,10 +11,10 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from offload_prune.config import PruneConfig
-from offload_prune.hostmem import keep_large_allocations_mmapped
+from offload_prune.runtime.hostmem import keep_large_allocations_mmapped
 from offload_prune.methods import build_method
-from offload_prune.matrices import describe, find_matrices
-from offload_prune.passes import collect
+from offload_prune.model.matrices import describe, find_matrices
+from offload_prune.stream.passes import collect
 
 
 def status():

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from offload_prune.block_removal import check_blocks_expressed, config_without_blocks, lowest_influence
+from offload_prune.surgery.block_removal import check_blocks_expressed, config_without_blocks, lowest_influence
 from offload_prune.config import OffloadPruneError, PruneConfig
-from offload_prune.pipeline import prune
-from offload_prune.report import format_summary
-from offload_prune.skeleton import build_skeleton
+from offload_prune.stream.pipeline import prune
+from offload_prune.stream.report import format_summary
+from offload_prune.model.skeleton import build_skeleton
 
 from conftest import read_all_tensors, run_cli
 from families import FAMILIES, build_family

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from offload_prune.calibration import eval_windows, load_text, sample_windows
+from offload_prune.data.calibration import eval_windows, load_text, sample_windows
 from offload_prune.config import OffloadPruneError
 
 
@@ -68,7 +68,7 @@ def fake_c4(monkeypatch):
     """A stand-in for the C4 shard (no network here): 5000 documents, most shorter than a window."""
     import random
 
-    import offload_prune.calibration as calibration
+    import offload_prune.data.calibration as calibration
     rng = random.Random(7)
     documents = [" ".join(f"w{rng.randint(0, 999)}" for _ in range(rng.choice([5, 20, 400]))) for _ in range(5000)]
     requested = []
@@ -81,7 +81,7 @@ def fake_c4(monkeypatch):
 
 
 def test_c4_samples_documents_as_the_reference_loaders(fake_c4):
-    from offload_prune.calibration import calibration_windows, tokenize
+    from offload_prune.data.calibration import calibration_windows, tokenize
     documents, requested = fake_c4
     tokenizer = CountingTokenizer()
     windows, longest = calibration_windows("c4", tokenizer, nsamples=16, seqlen=256, seed=3)
@@ -116,7 +116,7 @@ def test_c4_evaluation_text_is_the_first_validation_documents(fake_c4):
 
 
 def test_c4_without_long_enough_documents_is_refused(monkeypatch):
-    import offload_prune.calibration as calibration
+    import offload_prune.data.calibration as calibration
     monkeypatch.setattr(calibration, "dataset_rows", lambda name, split: ["short text"] * 10)
     with pytest.raises(OffloadPruneError, match="no document longer than --seqlen 64 tokens in 1000 draws"):
         calibration.calibration_windows("c4", CountingTokenizer(), 2, 64, 0)

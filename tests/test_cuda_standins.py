@@ -8,17 +8,16 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig
 
-from offload_prune import activations
-from offload_prune.activations import ActivationStore, may_copy_asynchronously, pinned_bytes
+from offload_prune.runtime import activations
+from offload_prune.runtime.activations import ActivationStore, may_copy_asynchronously, pinned_bytes
 from offload_prune.config import OffloadPruneError, PruneConfig
-from offload_prune.distributed import Ranks
-from offload_prune.hessian_sums import no_tf32
-from offload_prune.heads import HeadGroups
-from offload_prune.layer_sparsity import OutlierCounter
-from offload_prune.matrices import Matrix
+from offload_prune.runtime.distributed import Ranks
+from offload_prune.surgery.heads import HeadGroups
+from offload_prune.surgery.layer_sparsity import OutlierCounter
+from offload_prune.model.matrices import Matrix
 from offload_prune.methods.ria import neuron_row_order
-from offload_prune.neurons import InputMoments, highest, refit_output
-from offload_prune.plan import PROCESS_BASELINE_BYTES, compute_dtype, memory_plan, stored_dtype
+from offload_prune.surgery.neurons import InputMoments, highest, refit_output
+from offload_prune.plan.memory import PROCESS_BASELINE_BYTES, compute_dtype, memory_plan, stored_dtype
 
 from conftest import run_cli
 
@@ -210,7 +209,7 @@ def test_no_tf32_reads_and_restores_the_flags_through_the_api_in_use(enable):
     nothing raises; after it, the flags are as before."""
     import subprocess
     import sys
-    code = (f"import torch\nfrom offload_prune.hessian_sums import no_tf32\nimport test_cuda_standins as t\n{enable}\n"
+    code = (f"import torch\nfrom offload_prune.runtime.hessian_sums import no_tf32\nimport test_cuda_standins as t\n{enable}\n"
             "before = t._tf32_state()\nwith no_tf32():\n    inside = t._tf32_state()\n"
             "torch.randn(4, 4) @ torch.randn(4, 4)\nprint(repr((before, inside, t._tf32_state())))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -226,9 +225,9 @@ def test_plan_and_run_take_the_stored_dtype_from_the_shards_when_config_json_dis
                                                                                         capsys):
     import shutil
 
-    from offload_prune.checkpoint import CheckpointReader
+    from offload_prune.disk.checkpoint import CheckpointReader
     from offload_prune.cli import main
-    from offload_prune.pipeline import pick_dtype
+    from offload_prune.stream.pipeline import pick_dtype
     model = tmp_path / "model"
     shutil.copytree(checkpoint_factory(num_layers=2, hidden=64, intermediate=128, dtype=torch.bfloat16), model)
     settings = json.loads((model / "config.json").read_text())

@@ -159,8 +159,8 @@ def test_a_method_that_cannot_split_is_refused_before_any_work(model, tmp_path):
 
 def test_the_windows_are_split_once_each_and_rank_0_plans_the_largest_share(model, capsys):
     from offload_prune.config import PruneConfig
-    from offload_prune.distributed import Ranks
-    from offload_prune.plan import per_rank
+    from offload_prune.runtime.distributed import Ranks
+    from offload_prune.plan.memory import per_rank
     for count, world in ((5, 2), (128, 3), (7, 7)):
         shares = [Ranks(rank, world).windows(count) for rank in range(world)]
         assert [i for s in shares for i in range(count)[s]] == list(range(count))

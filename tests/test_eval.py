@@ -5,7 +5,7 @@ import math
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offload_prune.calibration import eval_windows, load_text, tokenize
+from offload_prune.data.calibration import eval_windows, load_text, tokenize
 
 from conftest import run_cli
 

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offload_prune.calibration import load_text, sample_windows, tokenize
+from offload_prune.data.calibration import load_text, sample_windows, tokenize
 from offload_prune.cli import main
 from offload_prune.config import PruneConfig
-from offload_prune.pipeline import prune
+from offload_prune.stream.pipeline import prune
 
 from conftest import read_all_tensors
 from families import DENSE, FAMILIES, MIXTURE, build_family
@@ -103,7 +103,7 @@ def test_experts_pruned_one_by_one_with_wanda(family_checkpoint, tmp_path, famil
 def test_expert_statistics_come_from_the_tokens_routed_to_it(family_checkpoint):
     """The inputs hooks hand a method for expert e equal what the model's own expert loop feeds it,
     scaled by the router weight of each token when asked."""
-    from offload_prune.matrices import find_matrices, observe
+    from offload_prune.model.matrices import find_matrices, observe
     folder = family_checkpoint("qwen3_moe")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64, experts_implementation="eager").eval()
     moe = model.model.layers[0].mlp
@@ -149,16 +149,16 @@ def test_router_dense_unless_asked_and_starved_experts_fall_back(family_checkpoi
     assert all(m["routed_tokens"] == m["calibration_tokens"] < 10 ** 6 for m in experts.values())
     dense = [m for n, m in report["modules"].items() if ".experts." not in n]
     assert dense and all(m["rule"] == "sparsegpt" for m in dense)
-    from offload_prune.report import format_summary
+    from offload_prune.stream.report import format_summary
     assert f"{len(experts)} matrices (few routed tokens)" in format_summary(report)
 
 
 def test_true_sequential_follows_the_call_order_of_fused_projections(family_checkpoint):
     """Phi-3 defines o_proj before qkv_proj; the stages follow its forward: qkv, o, gate_up, down."""
-    from offload_prune.checkpoint import CheckpointReader
-    from offload_prune.matrices import describe, find_matrices
+    from offload_prune.disk.checkpoint import CheckpointReader
+    from offload_prune.model.matrices import describe, find_matrices
     from offload_prune.methods.sparsegpt import SparseGPT
-    from offload_prune.skeleton import StreamedModel, run_windows
+    from offload_prune.model.skeleton import StreamedModel, run_windows
     folder = family_checkpoint("phi3")
     cpu = torch.device("cpu")
     streamed = StreamedModel(CheckpointReader(str(folder)), cpu, torch.float32)
@@ -184,9 +184,9 @@ def test_blocks_alike_take_the_roles_of_the_first_without_a_probe(family_checkpo
     """Each block's roles and stages from its own probe equal those `DescribedBlocks` gives it; blocks
     alike in structure are probed once (gpt-oss's alternate sliding and full attention layers too).
     Jamba's two blocks differ (Mamba, attention + experts): two probes."""
-    from offload_prune.checkpoint import CheckpointReader
-    from offload_prune.matrices import DescribedBlocks, describe, find_matrices
-    from offload_prune.skeleton import StreamedModel, run_windows
+    from offload_prune.disk.checkpoint import CheckpointReader
+    from offload_prune.model.matrices import DescribedBlocks, describe, find_matrices
+    from offload_prune.model.skeleton import StreamedModel, run_windows
     folder = family_checkpoint(family)
     cpu = torch.device("cpu")
     streamed = StreamedModel(CheckpointReader(str(folder)), cpu, torch.float32)
@@ -209,7 +209,7 @@ def test_blocks_alike_take_the_roles_of_the_first_without_a_probe(family_checkpo
 def test_a_block_whose_probe_missed_a_matrix_is_probed_again():
     """A matrix the probe never saw called (an expert routed no token, a projection read as a weight)
     means the roles may depend on the input: they are not reused."""
-    from offload_prune.matrices import DescribedBlocks, find_matrices
+    from offload_prune.model.matrices import DescribedBlocks, find_matrices
 
     class Block(torch.nn.Module):
         def __init__(self):

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offload_prune.config import OffloadPruneError, PruneConfig
-from offload_prune.report import format_summary
-from offload_prune.layer_sparsity import OutlierCounter, owl_ratios, ratios_from_file
+from offload_prune.stream.report import format_summary
+from offload_prune.surgery.layer_sparsity import OutlierCounter, owl_ratios, ratios_from_file
 
 from conftest import read_all_tensors
 from reference import catch_layer0_inputs, prune_in_memory

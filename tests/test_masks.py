@@ -3,10 +3,10 @@ import resource
 import pytest
 import torch
 
-import offload_prune.masks as masks
+import offload_prune.runtime.masks as masks
 from offload_prune.config import OffloadPruneError
-from offload_prune.hostmem import keep_large_allocations_mmapped
-from offload_prune.masks import lowest_k, nm_valid, zero_lowest
+from offload_prune.runtime.hostmem import keep_large_allocations_mmapped
+from offload_prune.runtime.masks import lowest_k, nm_valid, zero_lowest
 
 from reference import argsort_mask
 

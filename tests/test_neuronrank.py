@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from offload_prune.config import PruneConfig
 from offload_prune.methods.neuronrank import ChannelStatistics, NeuronRank
-from offload_prune.pipeline import prune
+from offload_prune.stream.pipeline import prune
 
 from conftest import read_all_tensors
 from test_streaming_matches_in_memory import calibration_windows

@@ -71,7 +71,7 @@ def test_lock_is_released_by_a_killed_run(model, uninterrupted, tmp_path):
 
 
 def test_not_enough_disk_space_is_refused_before_writing(model, tmp_path, capsys, monkeypatch):
-    import offload_prune.diskspace as diskspace
+    import offload_prune.disk.diskspace as diskspace
     monkeypatch.setattr(diskspace, "_free_bytes", lambda save: 50_000)
     assert main(args(model, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()

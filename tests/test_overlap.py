@@ -5,11 +5,11 @@ from collections import defaultdict
 
 import pytest
 
-from offload_prune import checkpoint
-from offload_prune.checkpoint import CheckpointReader, ShardLayout
-from offload_prune.durable import tensor_bytes
+from offload_prune.disk import checkpoint
+from offload_prune.disk.checkpoint import CheckpointReader, ShardLayout
+from offload_prune.disk.durable import tensor_bytes
 from offload_prune.cli import main
-from offload_prune.overlap import Behind, ReadAhead
+from offload_prune.runtime.overlap import Behind, ReadAhead
 
 from conftest import folder_digests, quick_args
 

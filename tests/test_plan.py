@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from offload_prune.checkpoint import CheckpointReader
+from offload_prune.disk.checkpoint import CheckpointReader
 from offload_prune.cli import main
 from offload_prune.config import PruneConfig
-from offload_prune.plan import PROCESS_BASELINE_BYTES, memory_plan, resolve_activation_store
-from offload_prune.skeleton import StreamedModel
+from offload_prune.plan.memory import PROCESS_BASELINE_BYTES, memory_plan, resolve_activation_store
+from offload_prune.model.skeleton import StreamedModel
 
 from conftest import folder_digests, quick_args, run_cli
 
@@ -121,9 +121,9 @@ def test_a_many_expert_layer_never_holds_every_experts_hessian():
     block's other matrices do (at least one expert), and the plan counts exactly that."""
     from transformers import AutoConfig
 
-    from offload_prune.matrices import describe, find_matrices
+    from offload_prune.model.matrices import describe, find_matrices
     from offload_prune.methods.sparsegpt import SparseGPT
-    from offload_prune.skeleton import build_skeleton
+    from offload_prune.model.skeleton import build_skeleton
     hidden, expert_width, experts = 256, 96, 128
     model_config = AutoConfig.for_model("qwen3_moe", hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
                                         moe_intermediate_size=expert_width, num_experts=experts, num_experts_per_tok=8,

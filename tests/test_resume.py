@@ -291,8 +291,8 @@ def test_checksums_summed_from_memory_equal_the_files_read_back(tmp_path):
     written file back: it must be the CRC of the file, or a resume would redo every block."""
     import torch
 
-    from offload_prune import durable
-    from offload_prune.checkpoint import save_shard
+    from offload_prune.disk import durable
+    from offload_prune.disk.checkpoint import save_shard
 
     torch.manual_seed(0)
     tensors = {"layers.1.weight": torch.randn(7, 5, dtype=torch.bfloat16), "embed": torch.randn(10, 4)[3:],
@@ -337,8 +337,8 @@ def test_shards_written_directly_read_back_as_safetensors_wrote_them(tmp_path, m
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from offload_prune import durable
-    from offload_prune.checkpoint import save_shard
+    from offload_prune.disk import durable
+    from offload_prune.disk.checkpoint import save_shard
 
     monkeypatch.setattr(durable, "DIRECT_STAGING_BYTES", 8192)
     opened = []
@@ -384,8 +384,8 @@ def test_a_full_disk_under_direct_writes_is_reported_not_written_through_the_cac
     disk-full error, with no temporary file left behind."""
     import torch
 
-    from offload_prune import durable
-    from offload_prune.checkpoint import save_shard
+    from offload_prune.disk import durable
+    from offload_prune.disk.checkpoint import save_shard
 
     _direct_io_or_skip(tmp_path)
     monkeypatch.setattr(os, "write", _refuse(errno.ENOSPC))
@@ -412,7 +412,8 @@ def test_device_store_resumes_identically(resume_model, prune_args, worker, unin
 def test_device_store_persists_and_reopens_through_a_small_staging_buffer(tmp_path, monkeypatch):
     import torch
 
-    from offload_prune import activations, durable
+    from offload_prune.runtime import activations
+    from offload_prune.disk import durable
 
     monkeypatch.setattr(activations, "STAGING_BYTES", 1000)  # 3 x 7 x 24 bf16 = 1008 bytes: a full piece, 8 left
     store = activations.ActivationStore(tmp_path, (3, 7, 24), torch.bfloat16, "device")
@@ -430,8 +431,9 @@ def test_disk_activations_summed_as_written_are_not_read_back(tmp_path, monkeypa
     is larger than the page cache). Rows filled out of order, or not all, are read back instead."""
     import torch
 
-    from offload_prune import activations, durable
-    from offload_prune.skeleton import run_windows
+    from offload_prune.runtime import activations
+    from offload_prune.disk import durable
+    from offload_prune.model.skeleton import run_windows
 
     reads = []
     checksum = durable.checksum

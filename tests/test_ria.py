@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from offload_prune.config import PruneConfig
-from offload_prune.matrices import describe, find_matrices, observe
+from offload_prune.model.matrices import describe, find_matrices, observe
 from offload_prune.methods.ria import RIA, deal_out, kept_score, neuron_row_order, ria_scores, column_sums
 
 from conftest import read_all_tensors

@@ -8,8 +8,8 @@ from torch import nn
 
 from offload_prune.config import PruneConfig
 from offload_prune.methods.sparsegpt import SparseGPT, inverse_cholesky, prune_with_obs
-from offload_prune.matrices import describe, find_matrices
-from offload_prune.pipeline import prune
+from offload_prune.model.matrices import describe, find_matrices
+from offload_prune.stream.pipeline import prune
 
 from conftest import read_all_tensors
 
@@ -243,7 +243,7 @@ def test_unstructured_sparsity_is_exact_in_every_module(tiny_llama, tmp_path):
 def test_tf32_guard_uses_the_current_api():
     """A process that set TF32 through torch's fp32_precision API: the guard neither raises (reading
     the legacy flags would) nor leaves its own setting behind."""
-    from offload_prune.hessian_sums import no_tf32
+    from offload_prune.runtime.hessian_sums import no_tf32
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("torch without fp32_precision")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offload_prune.calibration import load_text, sample_windows, tokenize
+from offload_prune.data.calibration import load_text, sample_windows, tokenize
 from offload_prune.config import PruneConfig
-from offload_prune.pipeline import prune
+from offload_prune.stream.pipeline import prune
 
 from conftest import read_all_tensors
 from reference import prune_in_memory

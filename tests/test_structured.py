@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offload_prune.config import OffloadPruneError, PruneConfig
-from offload_prune.neurons import InputMoments, kept_width, refit_output
-from offload_prune.pipeline import prune
-from offload_prune.report import format_summary
+from offload_prune.surgery.neurons import InputMoments, kept_width, refit_output
+from offload_prune.stream.pipeline import prune
+from offload_prune.stream.report import format_summary
 
 from conftest import read_all_tensors, run_cli
 from families import build_family

@@ -1,8 +1,11 @@
-"""Pruning methods, by the name --prune_method gives them."""
+"""Pruning methods, by the name --prune_method gives them: one small file per algorithm, each a
+PruningMethod (base.py) with a few hooks; the stream knows nothing method-specific.
+
+Imports: config, disk/, runtime/, model/ and surgery/."""
 from __future__ import annotations
 
 from ..config import PruneConfig
-from ..heads import key_value_groups
+from ..surgery.heads import key_value_groups
 from .admm import ADMM
 from .base import PruningMethod
 from .flap import FLAP

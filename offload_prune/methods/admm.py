@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from ..masks import CHUNK_ELEMENTS, ScoreRows, chunk_elements, chunk_workspace_bytes, lowest_k, row_chunks
-from ..matrices import Matrix
+from ..model.matrices import Matrix
+from ..runtime.masks import CHUNK_ELEMENTS, ScoreRows, chunk_elements, chunk_workspace_bytes, lowest_k, row_chunks
 from .sparsegpt import SparseGPT
 
 #: The paper's damping: H + 0.1 Diag(H), i.e. 0.1 I once inputs are normalised.

@@ -8,11 +8,12 @@ outputs, which feed the next block. Nothing in the pipeline depends on the metho
 from __future__ import annotations
 
 import torch
+
 from ..config import PruneConfig
-from ..distributed import Ranks
-from ..masks import ScoreRows, chunk_workspace_bytes, zero_lowest
-from ..matrices import Matrix
-from ..neurons import InputMoments, MlpUnit
+from ..model.matrices import Matrix
+from ..runtime.distributed import Ranks
+from ..runtime.masks import ScoreRows, chunk_workspace_bytes, zero_lowest
+from ..surgery.neurons import InputMoments, MlpUnit
 
 
 class PruningMethod:

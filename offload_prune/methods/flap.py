@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..neurons import InputMoments, MlpUnit
+from ..surgery.neurons import InputMoments, MlpUnit
 from .base import PruningMethod
 
 

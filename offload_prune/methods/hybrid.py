@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
+
 from ..config import PruneConfig
-from ..matrices import Matrix
+from ..model.matrices import Matrix
 from .base import PruningMethod
 from .neuronrank import NeuronRank
 from .wanda import Wanda

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..neurons import InputMoments, MlpUnit, neuron_norms
+from ..surgery.neurons import InputMoments, MlpUnit, neuron_norms
 from .base import ScoreMaskMethod
 
 

@@ -35,9 +35,9 @@ import math
 import torch
 
 from ..config import PruneConfig
-from ..masks import ScoreRows, chunks_of, zero_lowest
-from ..matrices import Matrix
-from ..neurons import InputMoments, MlpUnit, neuron_norms
+from ..model.matrices import Matrix
+from ..runtime.masks import ScoreRows, chunks_of, zero_lowest
+from ..surgery.neurons import InputMoments, MlpUnit, neuron_norms
 from .base import PruningMethod
 
 PROJECTION_DIM = 128

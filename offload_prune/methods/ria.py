@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import chunks_of, lowest_k
-from ..matrices import Matrix
-from ..neurons import neuron_rows
+from ..model.matrices import Matrix
+from ..runtime.masks import chunks_of, lowest_k
+from ..surgery.neurons import neuron_rows
 from .wanda import Wanda
 
 

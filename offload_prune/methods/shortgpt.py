@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..matrices import Matrix
+from ..model.matrices import Matrix
 from .base import PruningMethod
 
 

@@ -24,10 +24,10 @@ import time
 import torch
 
 from ..config import OffloadPruneError, PruneConfig
-from ..distributed import Ranks
-from ..hessian_sums import CompensatedSum, Float32Sum, no_tf32
-from ..masks import lowest_k
-from ..matrices import Matrix
+from ..model.matrices import Matrix
+from ..runtime.distributed import Ranks
+from ..runtime.hessian_sums import CompensatedSum, Float32Sum, no_tf32
+from ..runtime.masks import lowest_k
 from .base import PruningMethod
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ from typing import Callable
 
 import torch
 
-from ..heads import HeadGroups, head_units, kept_groups, shrink_groups, zero_groups
-from ..matrices import Matrix
-from ..neurons import (InputMoments, compensation, highest, kept_width, mlp_units, refit_bytes, refit_output,
-                       shrink_neurons, zero_neurons)
+from ..model.matrices import Matrix
+from ..surgery.heads import HeadGroups, head_units, kept_groups, shrink_groups, zero_groups
+from ..surgery.neurons import (InputMoments, compensation, highest, kept_width, mlp_units, refit_bytes, refit_output,
+                               shrink_neurons, zero_neurons)
 from .base import PruningMethod
 
 

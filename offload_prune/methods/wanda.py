@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import Ranks
-from ..matrices import Matrix
-from ..neurons import InputMoments, MlpUnit, fold_rows, statistics_dtype
+from ..model.matrices import Matrix
+from ..runtime.distributed import Ranks
+from ..surgery.neurons import InputMoments, MlpUnit, fold_rows, statistics_dtype
 from .base import ScoreMaskMethod
 
 

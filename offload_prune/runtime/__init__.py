@@ -1,0 +1,6 @@
+"""What the compute needs besides the model: the activation caches between blocks (activations), host
+memory behaviour (hostmem), helper threads that read ahead and write behind (overlap), torchrun ranks
+(distributed), mask selection (masks) and the Hessian sums (hessian_sums).
+
+Imports: config and disk/.
+"""

@@ -1,0 +1,162 @@
+"""The prune phase: each block loaded, its statistics collected, pruned, its outputs propagated to the
+next block, and written and committed behind the next block's work.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import PruneConfig
+from ..disk import durable
+from ..methods import PruningMethod
+from ..model.matrices import Matrix, find_matrices, other_weights
+from ..model.selection import selected_matrices
+from ..model.skeleton import run_windows
+from ..runtime.hostmem import release_free_memory
+from ..runtime.masks import zero_lowest
+from .owl_pass import measure_outliers
+from .passes import LAYER_KWARGS, Run, advance_inputs, capture, collect
+from .report import module_stats
+
+
+def prune_blocks(run: Run, windows: torch.Tensor) -> None:
+    state, meter = run.state, run.meter
+    if run.given_sparsities is None and state.manifest["layer_sparsity"] is None:
+        if not state.manifest["captured"]:
+            with meter("capture"):
+                capture(run, windows)
+        with meter("owl"):
+            measure_outliers(run)
+    if not state.manifest["captured"]:
+        with meter("capture"):
+            capture(run, windows)
+    num_layers = run.streamed.num_layers
+    if state.completed_blocks < num_layers:
+        layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
+        inputs = run.store.open(state.completed_blocks)
+        with meter("prune"):
+            for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks", disable=run.config.quiet,
+                              initial=state.completed_blocks, total=num_layers):
+                inputs = _prune_block(run, index, layer_kwargs[index], inputs)
+            run.writer.wait()
+
+
+def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor) -> torch.Tensor:
+    """Load, collect, prune, propagate, write and commit block `index`; returns the next block's inputs."""
+    config, device = run.config, run.device
+    block = run.streamed.load_block(index)
+    matrices = find_matrices(block)
+    run.described.describe(block, matrices, lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
+    chosen = selected_matrices(matrices, index, run.streamed.num_layers, config)
+    sparsity = run.block_sparsity(index)
+    method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs, sparsity) if chosen else {}
+    last = index + 1 == run.streamed.num_layers
+    # The previous block's commit is finished before this one's outputs are made: in RAM they overwrite
+    # the inputs, which it persists, and its durable steps stay in order before this block's.
+    run.writer.wait()
+    if not last:  # the last block's outputs feed nothing
+        run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device,
+                    run.store.written)
+    next_inputs = dict if last else advance_inputs(run, index + 1)
+    if run.ranks.lead:  # the other ranks write nothing and report nothing
+        _commit_behind(run, index, block, matrices, chosen, method_info, next_inputs)
+    run.streamed.unload_block(index)
+    # A block's tensors can sit in reference cycles: freed before the next block loads, and the heap's free
+    # pages handed back, so they do not add up block after block.
+    release_free_memory()
+    return run.store.tensor
+
+
+def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, Matrix], chosen: dict[str, Matrix],
+                   method_info: dict[str, dict], next_inputs: Callable[[], dict[str, durable.FileRecord]]) -> None:
+    """The pruned block's report entries now; its shards, the next block's inputs and the manifest on the
+    writer thread, while the next block loads and collects statistics."""
+    config, state = run.config, run.state
+    prefix = run.streamed.block_prefix(index)
+    # Counted in the dtype they are written in; every other weight matrix of the block counts in the totals too.
+    stats = {name: {**module_stats(m.weight, config.nm if name in chosen else None,
+                                   run.streamed.stored_dtype(prefix, m)),
+                    "kind": m.kind} for name, m in matrices.items()}
+    modules = {prefix + n: {**stats[n], "rule": run.method.rule(n), **method_info.get(n, {})} for n in chosen}
+    unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
+    unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
+                     for n, w in other_weights(block, matrices).items()})
+    tensors = run.streamed.block_tensors(index)
+
+    def commit_block() -> None:
+        outputs = run.layout.write_unit(1 + index, state.save, tensors)
+        run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS), **next_inputs()}
+        state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
+                     modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned})
+
+    run.writer.submit(commit_block)
+
+
+def _prune_matrices(run: Run, block: nn.Module, chosen: dict[str, Matrix], layer_kwargs: dict,
+                    inputs: torch.Tensor, sparsity: float) -> dict[str, dict]:
+    """The method's groups one after another: calibration passes with its statistics hooked in, then
+    its prune (or magnitude, for a matrix left without statistics). Returns what to report per matrix."""
+    config, method, device = run.config, run.method, run.device
+    method_info: dict[str, dict] = {}
+    for group in method.groups(chosen):
+        members = {n: chosen[n] for n in group}
+        tokens: dict[str, int] = {}
+        for calibration_pass in range(method.calibration_passes if method.needs_calibration else 0):
+            method.start_pass(calibration_pass)
+            collect(method, block, members, layer_kwargs, inputs, config, device,
+                     tokens if calibration_pass == 0 else None)
+        if run.ranks.world > 1 and method.needs_calibration:
+            tokens = run.ranks.sum_counts(tokens, list(members))
+            method.reduce_statistics(run.ranks, members)
+        starved = _starved(members, tokens, config) if method.needs_calibration else {}
+        if starved:
+            method_info.update(_prune_by_magnitude(method, starved, tokens, config, sparsity))
+        rest = {n: m for n, m in members.items() if n not in starved}
+        if rest:
+            method_info.update(_solve(run, rest, sparsity))
+        for name in members:  # what each expert was pruned from
+            if members[name].expert is not None and tokens:
+                method_info.setdefault(name, {})["routed_tokens"] = tokens.get(name, 0)
+    return method_info
+
+
+def _solve(run: Run, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
+    """The method's prune. Across ranks each rank solves the units dealt to it, forgetting the others'
+    statistics, and every pruned matrix is then broadcast from the rank that solved it."""
+    method, ranks = run.method, run.ranks
+    if ranks.world == 1:
+        return method.prune(linears, sparsity)
+    units = method.solve_units(list(linears))
+    owners = ranks.deal(units, lambda name: linears[name].weight.numel() * linears[name].in_features)
+    mine = {name: linears[name] for unit, owner in zip(units, owners) if owner == ranks.rank for name in unit}
+    method.discard([name for name in linears if name not in mine])
+    info = method.prune(mine, sparsity) if mine else {}
+    for unit, owner in zip(units, owners):
+        for name in unit:
+            ranks.share(linears[name].weight, owner)
+            if linears[name].bias is not None:  # ria's permutation reorders biases
+                ranks.share(linears[name].bias, owner)
+    return {name: item for part in ranks.gather(info) for name, item in part.items()}
+
+
+def _starved(members: dict[str, Matrix], tokens: dict[str, int], config: PruneConfig) -> dict[str, Matrix]:
+    """Experts routed fewer than --expert-min-tokens calibration tokens, and any matrix the block's
+    forward never fed (Mamba's dt_proj is read as a weight, not called)."""
+    return {n: m for n, m in members.items()
+            if tokens.get(n, 0) < (config.expert_min_tokens if m.expert is not None else 1)}
+
+
+@torch.no_grad()
+def _prune_by_magnitude(method: PruningMethod, starved: dict[str, Matrix], tokens: dict[str, int],
+                        config: PruneConfig, sparsity: float) -> dict[str, dict]:
+    """Matrices with (almost) no calibration statistics: pruned by magnitude instead (one threshold per
+    matrix, as --prune_method magnitude)."""
+    method.discard(list(starved))
+    for matrix in starved.values():
+        zero_lowest(matrix.weight, lambda rows, w=matrix.weight: w[rows].float().abs(), sparsity, config.nm,
+                    per_row=False)
+    return {n: {"rule": "magnitude", "calibration_tokens": tokens.get(n, 0),
+                "fallback": "few routed tokens" if m.expert is not None else "never fed"} for n, m in starved.items()}

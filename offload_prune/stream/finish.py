@@ -1,0 +1,68 @@
+"""The end of a pruning run: both evaluations, report.json (the last committed step) and the summary.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from ..disk import durable
+from ..disk.checkpoint import CheckpointReader
+from ..evaluation.perplexity import perplexity
+from .passes import Run
+from .removal_pass import removal_report
+from .report import format_summary, totals
+
+REPORT_NAME = "report.json"
+
+
+def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, dtype: torch.dtype,
+                        resumed: bool) -> dict:
+    config, state, meter, device = run.config, run.state, run.meter, run.device
+    report = {
+        "save": str(state.save), "model": str(run.reader.folder), "method": config.prune_method,
+        "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
+        "options": config.result_options(run.method.options), "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "resumed": resumed, "ranks": run.ranks.world,
+        "memory_plan": plan, "modules": state.modules, "unpruned": state.manifest["unpruned"],
+        "totals": totals(state.modules, state.manifest["unpruned"]),
+        "nm_valid": all(m["nm_valid"] for m in state.modules.values()) if config.nm else None,
+        "layer_sparsity": {"rule": config.layer_sparsity if config.layer_sparsity in ("uniform", "owl") else "file",
+                           "ratios": [run.block_sparsity(i) for i in range(run.streamed.num_layers)],
+                           **({"outlier_ratios": [m["outlier_ratio"] for m in state.manifest["outliers"]],
+                               "owl_lambda": config.owl_lambda, "owl_m": config.owl_m}
+                              if config.layer_sparsity == "owl" else {})},
+    }
+    if run.method.removes_blocks:
+        report["target_sparsity"] = None
+        report["block_removal"] = removal_report(run)
+        del report["layer_sparsity"]
+    if config.sparsity_type == "structured":
+        widths = {m["neurons"]: m["neurons_kept"] for m in state.modules.values() if "neurons" in m}
+        groups = {m["key_value_groups"]: m["key_value_groups_kept"] for m in state.modules.values()
+                  if "key_value_groups" in m}
+        params_after, _ = run.layout.written_totals(state.save)
+        report["structured"] = {"shrink": config.shrink, "neuron_refit": config.neuron_refit,
+                                "widths": [[before, after] for before, after in sorted(widths.items())],
+                                "key_value_groups": [[before, after] for before, after in sorted(groups.items())],
+                                "params_before": sum(math.prod(shape) for shape in run.reader.shapes.values()),
+                                "params_after": params_after}
+    if evaluation is not None:
+        options = dict(micro_batch_size=config.micro_batch_size,
+                       on_disk=config.offload_activations == "disk", quiet=config.quiet)
+        report["perplexity"] = {}
+        for which, folder in (("dense", run.reader.folder), ("pruned", state.save)):
+            with meter(f"eval_{which}"):
+                report["perplexity"][which] = perplexity(CheckpointReader(str(folder)), evaluation, device, dtype,
+                                                         label=f"eval {which}", **options)
+    report["seconds"] = meter.seconds
+    report["phase_peaks"] = meter.peaks
+    report["phase_peaks_are_per_phase"] = meter.host_resets  # False: VmHWM could not be reset (not Linux)
+    report["peak_host_rss_bytes"] = meter.overall("host")
+    report["peak_device_bytes"] = meter.overall("device_reserved")
+    record = durable.write_text(state.save / REPORT_NAME, json.dumps(report, indent=1, default=str) + "\n")
+    state.commit(outputs={REPORT_NAME: record}, stage=run.streamed.num_layers + 1, finished=True)
+    if not config.quiet:
+        print(format_summary(report))
+    return report

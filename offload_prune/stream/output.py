@@ -1,0 +1,68 @@
+"""What a run writes besides the blocks: the shard layout of the output, the tensors outside the
+blocks (copied, or the pruned head), the index, config.json and the tokenizer's files."""
+from __future__ import annotations
+
+import json
+
+from ..disk import durable
+from ..disk.checkpoint import INDEX_NAME, ShardLayout, side_files
+from ..model.lm_head import LmHead
+from ..model.skeleton import StreamedModel, build_skeleton
+from ..surgery.block_removal import check_blocks_expressed, config_without_blocks, renumbered
+from .passes import Run
+from .report import module_stats
+
+
+def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] | None = None) -> ShardLayout:
+    """Unit 0: the tensors outside the blocks; unit 1 + j: output block j (input block kept[j], all by
+    default), under its new number."""
+    reader = streamed.reader
+    nbytes = {n: reader.nbytes(n) for n in streamed.outside_names}
+    outside_names = list(streamed.outside_names)
+    if head and head.name not in reader.weight_map:  # tied: the pruned head becomes a tensor of its own
+        outside_names.append(head.name)
+        nbytes[head.name] = reader.nbytes(head.source)
+    units = [outside_names]
+    for new, old in enumerate(range(streamed.num_layers) if kept is None else kept):
+        names = {renumbered(n, old, new) if new != old else n: n for n in streamed.block_names(old)}
+        nbytes.update({name: reader.nbytes(source) for name, source in names.items()})
+        units.append(list(names))
+    return ShardLayout(units, nbytes, reader.max_shard_bytes())
+
+
+def write_outside(run: Run) -> None:
+    """Tensors outside the blocks (copied, or the pruned head), index, config/tokenizer files."""
+    reader, head, state = run.reader, run.head, run.state
+    outside = reader.read(run.streamed.outside_names)
+    modules = dict(state.modules)
+    if head:
+        outside[head.name] = head.prune(reader.read([head.source])[head.source], run.config, run.device)
+        modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude",
+                              "kind": "lm_head"}
+    outputs = run.layout.write_unit(0, state.save, outside)
+    _, total_bytes = run.layout.written_totals(state.save)
+    outputs[INDEX_NAME] = durable.write_text(state.save / INDEX_NAME, run.layout.index_text(total_bytes))
+    for path in side_files(reader.folder):
+        if path.name == "config.json" and (head and head.name != head.source or run.method.removes_blocks
+                                           or run.config_changes):
+            text = json.dumps(output_config(run, state.manifest["removed_blocks"]), indent=2) + "\n"
+            outputs[path.name] = durable.write_text(state.save / path.name, text)
+        else:
+            outputs[path.name] = durable.copy_file(path, state.save / path.name)
+    state.commit(outputs=outputs, stage=run.streamed.num_layers, run_files={}, finalized=True, modules=modules)
+
+
+def output_config(run: Run, removed: list[int] | None) -> dict:
+    """config.json of the output: the head untied when it was pruned apart from a tied embedding; the
+    blocks that remain, when blocks were removed (checked against what transformers builds from it)."""
+    config = json.loads((run.reader.folder / "config.json").read_text())
+    if run.head and run.head.name != run.head.source:
+        config["tie_word_embeddings"] = False
+    if removed:
+        kept = [i for i in range(run.streamed.num_layers) if i not in set(removed)]
+        edited = config_without_blocks(config, run.reader.config, kept)
+        _, _, new_layers = build_skeleton(type(run.reader.config).from_dict(edited))
+        check_blocks_expressed(run.streamed.layers, new_layers, kept,
+                               [k for k in edited if k != "num_hidden_layers" and edited[k] != config.get(k)])
+        config = edited
+    return {**config, **run.config_changes}

@@ -1,0 +1,201 @@
+"""Measuring a run (sparsity per module, phase times, peak memory) and telling the user."""
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+
+import torch
+
+from ..runtime.hostmem import release_free_memory
+from ..runtime.masks import chunks_of, nm_holds
+
+
+def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None, written_as: torch.dtype | None = None) -> dict:
+    """Shape, zeros and sparsity (and N:M validity) of a weight matrix as it is written: converted to
+    `written_as` (a float32 weight too small for float16 is written as a zero), a chunk of rows at a time
+    (no copy of the whole matrix is made)."""
+    rows = weight.detach().reshape(-1, weight.shape[-1])
+    checks_nm = nm is not None and rows.shape[-1] % nm[1] == 0
+    # Counted on the weight's device and read once at the end: no host sync per chunk on a GPU.
+    nonzeros = torch.zeros((), dtype=torch.int64, device=rows.device)
+    valid = torch.ones((), dtype=torch.bool, device=rows.device)
+    for chunk in chunks_of(rows):
+        part = rows[chunk].to(written_as) if written_as is not None else rows[chunk]
+        nonzeros += torch.count_nonzero(part)  # far faster than (w == 0).sum() on fp16
+        if checks_nm:
+            valid &= nm_holds(part, nm)
+    zeros = weight.numel() - int(nonzeros)
+    stats = {"shape": list(weight.shape), "numel": weight.numel(), "zeros": zeros,
+             "sparsity": zeros / weight.numel()}
+    if nm is not None:
+        stats["nm_valid"] = checks_nm and bool(valid)
+    return stats
+
+
+def totals(modules: dict[str, dict], unpruned: dict[str, dict]) -> dict[str, dict]:
+    """Weights and zeros by kind (attention, mlp, router, lm_head) and over `all` the weight matrices in
+    the blocks, pruned (`modules`) or not (`unpruned`), and the pruned head when there is one."""
+    out: dict[str, dict] = {}
+    for name, stats in {**unpruned, **modules}.items():
+        for kind in (stats["kind"], "all"):
+            entry = out.setdefault(kind, {"modules": 0, "numel": 0, "zeros": 0})
+            entry["modules"] += 1
+            entry["numel"] += stats["numel"]
+            entry["zeros"] += stats["zeros"]
+    for entry in out.values():
+        entry["sparsity"] = entry["zeros"] / entry["numel"] if entry["numel"] else 0.0
+    return dict(sorted(out.items(), key=lambda item: item[0] == "all"))
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_host_rss_bytes() -> int:
+    """Peak RSS of this process since the last reset. VmHWM belongs to the current address space;
+    ru_maxrss would also count the parent's RSS at fork, which Linux carries across exec."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # macOS: bytes
+
+
+def current_host_rss_bytes() -> int:
+    current = _status_bytes("VmRSS")
+    return current if current is not None else peak_host_rss_bytes()
+
+
+def reset_peak_host_rss() -> bool:
+    """Start a new VmHWM period (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseMeter:
+    """Seconds and peak memory of each phase: host peak RSS (VmHWM, reset as each phase starts) and on
+    CUDA the caching allocator's peak reserved bytes (what the process holds on the GPU, cached
+    blocks included) and peak allocated bytes. A phase entered twice keeps the larger peaks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, dict[str, int | None]] = {}
+        self.host_resets = True
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        release_free_memory()  # what the last phase freed is not this phase's peak
+        self.host_resets &= reset_peak_host_rss()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            measured = {"host": peak_host_rss_bytes(),
+                        "device_reserved": torch.cuda.max_memory_reserved(self.device) if cuda else None,
+                        "device_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else None}
+            previous = self.peaks.get(phase, {})
+            self.peaks[phase] = {k: max(v, previous.get(k) or 0) if v is not None else None
+                                 for k, v in measured.items()}
+
+    def overall(self, key: str) -> int | None:
+        values = [p[key] for p in self.peaks.values() if p.get(key) is not None]
+        if key == "host":
+            values.append(peak_host_rss_bytes())
+        return max(values) if values else None
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def format_summary(report: dict) -> str:
+    removal = report.get("block_removal")
+    lines = ([_removal_summary(report, removal)] if removal else
+             [f"offload-prune: {report['method']} {report['sparsity_type']} "
+              f"(target sparsity {report['target_sparsity']:.2%}) -> {report.get('save', '')}"] +
+             _sparsity_summary(report))
+    for which in ("dense", "pruned"):
+        ppl = report.get("perplexity", {}).get(which)
+        if ppl:
+            lines.append(f"  perplexity {which:<7} {ppl['ppl']:.4f} ({ppl['windows']} windows x {ppl['seqlen']} tokens)")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
+    ranks = report.get("ranks", 1)
+    lines.append(f"  time: {phases}" + (f" ({ranks} ranks; memory below is rank 0's)" if ranks > 1 else ""))
+    plan = report["memory_plan"]
+    memory = f"  peak host RSS {_gib(report['peak_host_rss_bytes'])} (plan {_gib(plan['host']['peak'])})"
+    if report["peak_device_bytes"] is not None:
+        memory += (f", peak device memory {_gib(report['peak_device_bytes'])} reserved "
+                   f"(plan {_gib(plan['device']['peak'])})")
+    lines.append(memory)
+    return "\n".join(lines)
+
+
+def _removal_summary(report: dict, removal: dict) -> str:
+    removed, influence = removal["removed"], removal["influence"]
+    before, after = removal["params_before"], removal["params_after"]
+    how = "the closest run by angular distance" if removal["rule"] == "angular distance" else "lowest Block Influence"
+    return "\n".join([
+        f"offload-prune: {report['method']} removed {len(removed)} of {removal['blocks_before']} blocks -> "
+        f"{report.get('save', '')}",
+        f"  removed blocks ({how}): {', '.join(map(str, removed))}",
+        f"  influence of the removed: {', '.join(f'{influence[i]:.4f}' for i in removed)}; of the kept: "
+        f"{min(v for i, v in enumerate(influence) if i not in removed):.4f} and up",
+        f"  parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})"])
+
+
+def _sparsity_summary(report: dict) -> list[str]:
+    lines = []
+    lines.append(f"  {'modules':<10} {'count':>6} {'weights':>14} {'zeros':>14} {'sparsity':>9}")
+    for kind, entry in report["totals"].items():
+        lines.append(f"  {kind:<10} {entry['modules']:>6} {entry['numel']:>14,} {entry['zeros']:>14,} "
+                     f"{entry['sparsity']:>9.2%}")
+    rules: dict[str, int] = {}
+    for stats in report["modules"].values():
+        rules[stats.get("rule", "?")] = rules.get(stats.get("rule", "?"), 0) + 1
+    lines.append("  pruned by: " + ", ".join(f"{rule} {count} modules" for rule, count in sorted(rules.items())))
+    reasons: dict[str, int] = {}
+    for stats in report["modules"].values():
+        if stats.get("fallback"):
+            reasons[stats["fallback"]] = reasons.get(stats["fallback"], 0) + 1
+    if reasons:
+        lines.append("  pruned by magnitude for lack of calibration statistics: "
+                     + ", ".join(f"{count} matrices ({reason})" for reason, count in sorted(reasons.items()))
+                     + f"; an expert needs {report['options']['expert_min_tokens']} routed tokens (--expert-min-tokens)")
+    if report.get("unpruned"):
+        weights = sum(stats["numel"] for stats in report["unpruned"].values())
+        lines.append(f"  not pruned: {len(report['unpruned'])} weight matrices in the blocks ({weights:,} weights), "
+                     "counted in the totals above")
+    layers = report.get("layer_sparsity") or {}
+    if layers.get("rule", "uniform") != "uniform":
+        ratios = layers["ratios"]
+        lines.append(f"  layer sparsity ({layers['rule']}): {min(ratios):.2%} to {max(ratios):.2%} over "
+                     f"{len(ratios)} blocks (each block's ratio in report.json)")
+    if report.get("nm_valid") is not None:
+        lines.append(f"  N:M pattern valid in every module: {report['nm_valid']}")
+    structured = report.get("structured")
+    if structured:
+        widths = ", ".join(f"{before} -> {after}" for before, after in structured["widths"])
+        how = "removed (matrices and intermediate size shrunk)" if structured["shrink"] else "zeroed (shapes kept)"
+        before, after = structured["params_before"], structured["params_after"]
+        refit = "refitted by least squares" if structured["neuron_refit"] else "not refitted"
+        lines.append(f"  MLP neurons per layer: {widths}, {how}; output matrix {refit}")
+        if structured.get("key_value_groups"):
+            groups = ", ".join(f"{before} -> {after}" for before, after in structured["key_value_groups"])
+            lines.append(f"  attention key/value groups per layer: {groups} (with their query heads), "
+                         f"{'removed' if structured['shrink'] else 'zeroed'}; output projection {refit}")
+        lines.append(f"  parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})")
+    return lines

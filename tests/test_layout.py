@@ -1,0 +1,63 @@
+"""The package's folders draw its architecture: each subpackage imports only the ones below it, and no
+module grows past 400 lines."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "offload_prune"
+#: Bottom to top. The package root holds the options (config), below everything, and the entry points
+#: (cli, api, demo), above everything.
+LAYERS = ["config", "disk", "runtime", "model", "surgery", "methods", "plan", "data", "evaluation", "stream"]
+ENTRY_POINTS = {"__init__", "__main__", "cli", "api", "demo"}
+BELOW_ANYTHING = {"data": {"config"}}  # may import only these
+
+
+def room(module: str) -> str:
+    """The layer a dotted module (under offload_prune) belongs to."""
+    first = module.split(".")[0]
+    return "entry" if first in ENTRY_POINTS or not first else first
+
+
+def imported_modules(path: Path) -> set[str]:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    package = parts[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - (node.level - 1)]
+            target = [*base, *(node.module.split(".") if node.module else [])]
+            if node.module is None:  # from . import x: x is a module or a name of the package
+                found.update(".".join([*target, alias.name]) for alias in node.names)
+            else:
+                found.add(".".join(target))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("offload_prune."):
+            found.add(node.module.removeprefix("offload_prune."))
+    return found
+
+
+def test_subpackages_import_only_downward():
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        here = room(".".join(path.relative_to(PACKAGE).with_suffix("").parts))
+        if here == "entry":
+            continue
+        for target in imported_modules(path):
+            there = room(target)
+            if there == "__version__" or target == "__version__":
+                continue
+            allowed = BELOW_ANYTHING.get(here)
+            ok = (there in allowed or there == here) if allowed else (
+                there != "entry" and LAYERS.index(there) <= LAYERS.index(here))
+            if not ok:
+                upward.append(f"{path.relative_to(PACKAGE)} imports {target}")
+    assert not upward, "\n".join(upward)
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
+    for folder in [p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()]:
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
+        assert doc and "Imports" in doc, folder.name
