@@ -1,2 +1,10 @@
-"""offload-prune: prune large language models block by block, streamed from safetensors shards."""
+"""offload-prune: prune large language models block by block, streamed from safetensors shards.
+
+The Python API is the CLI's three commands: `prune`, `plan` and `perplexity` (api.py).
+"""
 __version__ = "0.1.0"
+
+from .api import perplexity, plan, prune  # noqa: E402  (after __version__, which the stream records)
+from .config import OffloadPruneError, PruneConfig  # noqa: E402
+
+__all__ = ["prune", "plan", "perplexity", "OffloadPruneError", "PruneConfig", "__version__"]

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, OffloadPruneError, PruneConfig, parse_bytes
 
 
@@ -27,6 +28,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def _common(parser: argparse.ArgumentParser, stores: tuple[str, ...] = ("ram", "disk")) -> None:
+    parser.add_argument("--version", action="version", version=f"offload-prune {__version__}")
     _flag(parser, "model", required=True, help="local Hugging Face model folder or hub id")
     _flag(parser, "seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     _flag(parser, "device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -162,86 +164,36 @@ def plan_parser() -> argparse.ArgumentParser:
 
 
 def run_plan(argv: list[str]) -> int:
-    import torch
-
-    from .plan.memory import (check_budget, device_free_bytes, format_plan, load_config_only, memory_plan, per_rank,
-                              resolve_activation_store)
-    from .runtime.distributed import Ranks
+    from .api import planned
+    from .plan.memory import check_budget, format_plan
 
     options = _options(plan_parser(), argv)
     ranks = options.pop("ranks")
-    if ranks < 1:
-        raise OffloadPruneError(f"--ranks must be >= 1, got {ranks}")
-    config = PruneConfig(**options).validate()
-    device_type = "cpu" if config.device == "cpu" else ("cuda" if config.device != "auto" else _auto_device())
-    text_size, eval_windows = _text_sizes(config)
-    model_config = load_config_only(config.model)
-    shard_dtypes = _local_shard_dtypes(config.model)
-    config, plan = resolve_activation_store(config, lambda options: memory_plan(
-        per_rank(options, Ranks(0, ranks)), model_config, device_type, text_size, eval_windows,
-        shard_dtypes=shard_dtypes),
-        device_free_bytes(torch.device(device_type if config.device == "auto" else config.device)))
+    config, plan = planned(PruneConfig(**options).validate(), ranks)
     print(format_plan(plan, config.model) + (f"\n(per rank, for rank 0 of {ranks})" if ranks > 1 else ""))
     check_budget(plan, config)
     return 0
-
-
-def _local_shard_dtypes(model: str) -> list:
-    """The stored dtypes of a local checkpoint's tensors (its shard headers), which a run computes from;
-    none for a hub id or a folder with config.json alone (the plan then goes by config.json)."""
-    from .disk.checkpoint import CheckpointReader
-
-    if not Path(model).expanduser().is_dir():
-        return []
-    try:
-        return list(CheckpointReader(model).dtypes.values())
-    except OffloadPruneError:
-        return []
-
-
-def _text_sizes(config: PruneConfig) -> tuple[int, int]:
-    """Characters of calibration text (a local file; a named dataset is not read here) and evaluation
-    windows (counted with the model's tokenizer when the model is a local folder)."""
-    calibration = Path(config.calib_data).expanduser()
-    text_size = calibration.stat().st_size if calibration.is_file() else 0
-    windows = 0
-    if config.eval_ppl and Path(config.model).expanduser().is_dir():
-        from .evaluation.perplexity import evaluation_windows
-        from .stream.pipeline import load_tokenizer
-        windows = len(evaluation_windows(config.eval_data, load_tokenizer(Path(config.model).expanduser()),
-                                         config.seqlen, config.eval_max_windows))
-    elif config.eval_ppl:
-        windows = config.eval_max_windows or 0
-    return text_size, windows
-
-
-def _auto_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def eval_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="offload-prune eval",
                                      description="Perplexity of a model, streamed block by block.")
     _common(parser)
+    _flag(parser, "json", action="store_true", help="print the result as one JSON object")
     return parser
 
 
 def run_eval(argv: list[str]) -> int:
-    from .disk.checkpoint import CheckpointReader
-    from .evaluation.perplexity import evaluation_windows, perplexity
-    from .stream.pipeline import load_tokenizer, pick_device, pick_dtype
+    from .api import perplexity
 
     args = eval_parser().parse_args(argv)
     if not args.eval_data:
         raise OffloadPruneError("eval needs --eval-data")
-    reader = CheckpointReader(args.model)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device, reader)
-    windows = evaluation_windows(args.eval_data, load_tokenizer(reader.folder), args.seqlen, args.eval_max_windows)
-    result = perplexity(reader, windows, device, dtype, micro_batch_size=args.micro_batch_size,
-                        on_disk=args.offload_activations == "disk", quiet=args.quiet)
-    print(json.dumps({"model": str(reader.folder), **result}))
+    result = perplexity(args.model, args.eval_data, args.seqlen, args.eval_max_windows, args.device, args.dtype,
+                        args.micro_batch_size, on_disk=args.offload_activations == "disk", quiet=args.quiet)
+    print(json.dumps(result) if args.json else
+          f"{result['model']}: perplexity {result['ppl']:.3f} on {result['windows']} windows of {result['seqlen']} "
+          f"tokens ({result['seconds']:.1f} s)")
     return 0
 
 

@@ -1,7 +1,7 @@
 """One dataclass for every option of a run, validated once before any weight is read."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 
@@ -104,6 +104,12 @@ class PruneConfig:
     param_budget: int | None = field(default=None, init=False)
 
     def validate(self) -> "PruneConfig":
+        # From Python, paths may come as str and memory budgets as "20GiB", as the CLI takes them.
+        if self.save is not None:
+            self.save = Path(self.save)
+        for name in ("max_device_memory", "max_host_memory"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, parse_bytes(getattr(self, name)))
         if self.prune_method not in METHODS:
             raise OffloadPruneError(
                 f"--prune_method {self.prune_method!r} is not one of {', '.join(METHODS)}")
@@ -136,6 +142,7 @@ class PruneConfig:
             raise OffloadPruneError(f"--nr-score must be input or neuron, got {self.nr_score!r}")
         if self.hybrid_mlp_method not in ("neuronrank_tfidf", "neuronrank_old"):
             raise OffloadPruneError("--hybrid-mlp-method must be neuronrank_tfidf or neuronrank_old")
+        self._validate_tfidf_exponents()
         if not 0.0 <= self.nr_q_active < 1.0:
             raise OffloadPruneError(f"--nr-q-active must be in [0, 1), got {self.nr_q_active}")
         if self.expert_min_tokens < 1:
@@ -173,6 +180,26 @@ class PruneConfig:
         """A copy with these options changed, validated: `dataclasses.replace` alone would leave the
         fields validate() derives (N:M, the blocks to remove) at their defaults."""
         return replace(self, **changes).validate()
+
+    def _validate_tfidf_exponents(self) -> None:
+        """One parameter, one flag: a TF-IDF exponent the chosen score does not read is refused, not ignored.
+        --nr-score input (per weight, unstructured) reads only --nr-input-idf-exp; the neuron score (--nr-score
+        neuron, or any structured run) reads --idf-exp, --tf-exp and --nr-spikiness-exp."""
+        tfidf = self.prune_method == "neuronrank_tfidf" or (
+            self.prune_method == "hybrid" and self.hybrid_mlp_method == "neuronrank_tfidf")
+        if not tfidf:
+            return
+        by_input = self.nr_score == "input" and self.sparsity_type != "structured"
+        defaults = {f.name: f.default for f in fields(self)}
+        ignored = (("idf_exp", "tf_exp", "nr_spikiness_exp") if by_input else ("nr_input_idf_exp",))
+        changed = [name for name in ignored if getattr(self, name) != defaults[name]]
+        if changed:
+            flag = "--" + changed[0].replace("_", "-")
+            raise OffloadPruneError(
+                f"{flag} is not read by the input score (--nr-score input): its IDF exponent is --nr-input-idf-exp"
+                if by_input else
+                f"{flag} is the input score's IDF exponent (--nr-score input, unstructured); the neuron score's is "
+                "--idf-exp")
 
     def _validate_layer_sparsity(self) -> None:
         if self.layer_sparsity == "uniform":
@@ -244,6 +271,16 @@ def parse_bytes(text: str) -> int:
         return int(float(number) * units[unit])
     except ValueError:
         raise OffloadPruneError(f"not a memory size: {text!r} (e.g. 20GiB, 512MiB)") from None
+
+
+def format_bytes(value: int | None) -> str:
+    """Bytes in the largest binary unit that keeps the number at 1 or more: 0.54 GiB as 553 MiB, not 0.00 GiB."""
+    if value is None:
+        return "-"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value} B"
 
 
 def parse_count(text: str) -> int:

@@ -80,7 +80,7 @@ def test_old_mode_by_hand():
 
 
 def test_scores_broadcast_along_the_neuron_axis():
-    config = options(weight_exp=2.0, tf_exp=1.0, idf_exp=0.5, nr_spikiness_exp=0.0)
+    config = options(weight_exp=2.0, tf_exp=1.0, idf_exp=0.5, nr_spikiness_exp=0.0, nr_score="neuron")
     method = NeuronRank(config)
     weight = torch.randn(4, 3)
     factor = torch.tensor([1.0, 2.0, 3.0, 4.0])

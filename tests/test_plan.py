@@ -94,7 +94,7 @@ def test_over_budget_is_refused_before_any_weight_is_read(tiny_llama, tmp_path, 
         code = main(["--model", str(tiny_llama), "--save", str(tmp_path / "o"), "--prune_method", "sparsegpt",
                      "--calib-data", str(tiny_llama / "demo.txt"), flag, "1MiB", "--quiet"])
         assert code == 2
-        assert f"over --max-{where}-memory 0.00 GiB" in capsys.readouterr().err
+        assert f"over --max-{where}-memory 1.00 MiB" in capsys.readouterr().err  # human units, not 0.00 GiB
         assert not (tmp_path / "o").exists()
 
 

@@ -29,9 +29,14 @@ def load_text(spec: str, split: str = "train") -> str:
         return "\n\n".join(load_text(str(p)) for p in files)
     if not path.is_file():
         raise OffloadPruneError(f"{spec}: no such file or folder (nor one of the names wikitext2, c4)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise OffloadPruneError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); give a plain text, "
+                                ".jsonl or a folder of them") from None
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -39,7 +44,7 @@ def load_text(spec: str, split: str = "train") -> str:
             except (ValueError, KeyError, TypeError):
                 raise OffloadPruneError(f"{path}:{number}: not a JSON object with a 'text' field") from None
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return text
 
 
 def _named_dataset(name: str, split: str) -> str:
@@ -81,6 +86,12 @@ class _TextColumn:
 
     def __getitem__(self, index: int) -> str:
         return self.table[index]["text"]
+
+
+def text_size_of(spec: str) -> int:
+    """Bytes of a local text file; 0 for a named dataset (not read to plan a run)."""
+    path = Path(spec).expanduser()
+    return path.stat().st_size if path.is_file() else 0
 
 
 def calibration_windows(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, int]:

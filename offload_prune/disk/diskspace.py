@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..config import OffloadPruneError
+from ..config import OffloadPruneError, format_bytes
 from .checkpoint import ShardLayout
 from .durable import DiskFullError
 
@@ -15,14 +15,14 @@ def check_disk_space(save: Path, layout: ShardLayout, activation_bytes: int) -> 
     needed = _bytes_still_needed(save, layout, activation_bytes)
     free = _free_bytes(save)
     if needed > free:
-        raise OffloadPruneError(f"--save {save}: the run needs about {_gib(needed)} of disk space there, "
-                                f"{_gib(free)} is free; free space or choose another folder")
+        raise OffloadPruneError(f"--save {save}: the run needs about {format_bytes(needed)} of disk space there, "
+                                f"{format_bytes(free)} is free; free space or choose another folder")
 
 
 def disk_full_message(exc: DiskFullError, save: Path, layout: ShardLayout, activation_bytes: int) -> str:
     largest = max(layout.largest_shard_bytes(), activation_bytes)
-    return (f"{exc}; the rest of the run needs about {_gib(_bytes_still_needed(save, layout, activation_bytes))} "
-            f"in {save} ({_gib(_free_bytes(save))} free now; largest file about {_gib(largest)}). "
+    return (f"{exc}; the rest of the run needs about {format_bytes(_bytes_still_needed(save, layout, activation_bytes))} "
+            f"in {save} ({format_bytes(_free_bytes(save))} free now; largest file about {format_bytes(largest)}). "
             "Finished blocks are kept: free space, then run the same command again to resume")
 
 
@@ -40,7 +40,3 @@ def _free_bytes(save: Path) -> int:
     while not folder.exists():
         folder = folder.parent
     return shutil.disk_usage(folder).free
-
-
-def _gib(value: int) -> str:
-    return f"{value / 2**30:.2f} GiB"

@@ -210,9 +210,22 @@ def _lock(save: Path) -> int:
     return fd
 
 
+def check_output_folder(save: Path, input_folder: Path) -> None:
+    """Refuses, in a moment and before anything heavy is loaded, an output folder the run could not take:
+    a file, under a file, the input's, or in use by another run (whose lock RunState.prepare would meet
+    only after calibration)."""
+    save = save.expanduser().absolute()
+    _refuse_unsafe_output(save, input_folder)
+    if save.is_dir():
+        os.close(_lock(save))  # taken and given back at once; prepare takes it for the run
+
+
 def _refuse_unsafe_output(save: Path, input_folder: Path) -> None:
     if save.exists() and not save.is_dir():
         raise OffloadPruneError(f"--save {save} is a file; give a folder (new, empty, or a run's own output)")
+    above = next((parent for parent in save.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OffloadPruneError(f"--save {save}: {above} is a file, so no folder can be made under it")
     save, source = save.resolve(), input_folder.resolve()
     if save == source or source in save.parents:
         raise OffloadPruneError(f"--save {save} is (inside) the input model folder, which is never written to")

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import psutil
 import torch
 
-from ..config import OffloadPruneError, PruneConfig
+from ..config import OffloadPruneError, PruneConfig, format_bytes
 from ..disk.durable import DIRECT_STAGING_BYTES
 from ..methods import build_method
 from ..model.matrices import describe, find_matrices
@@ -252,24 +252,22 @@ def check_budget(plan: dict, config: PruneConfig) -> None:
             parts = {k: v for k, v in plan[where].items() if k not in ("peak", "phase")}
             biggest = max(parts, key=parts.get)
             raise OffloadPruneError(
-                f"the plan needs {_gib(plan[where]['peak'])} of {where} memory in its {plan[where]['phase']} phase, "
-                f"over --max-{where}-memory {_gib(limit)} (largest part: {biggest} {_gib(parts[biggest])}); "
+                f"the plan needs {format_bytes(plan[where]['peak'])} of {where} memory in its {plan[where]['phase']} phase, "
+                f"over --max-{where}-memory {format_bytes(limit)} (largest part: {biggest} {format_bytes(parts[biggest])}); "
                 + ("try --offload-activations disk or fewer --nsamples" if where == "host"
                    else "try --true-sequential, a smaller --micro-batch-size or --seqlen"))
 
 
-def _gib(value: int) -> str:
-    return f"{value / 2**30:.2f} GiB"
 
 
 def format_plan(plan: dict, model: str) -> str:
     lines = [f"memory plan for {model}: {plan['num_layers']} blocks, compute on {plan['device_type']} in "
              f"{plan['compute_dtype']} (stored {plan['stored_dtype']}); calibration activations "
-             f"{_gib(plan['activation_cache_bytes'])} {STORE_WORDS[plan['activation_store']]}"]
+             f"{format_bytes(plan['activation_cache_bytes'])} {STORE_WORDS[plan['activation_store']]}"]
     for where in ("device", "host"):
-        parts = ", ".join(f"{k} {_gib(v)}" for k, v in plan[where].items() if k not in ("peak", "phase"))
-        lines.append(f"  {where:<6} peak {_gib(plan[where]['peak']):>10} in {plan[where]['phase']}  ({parts})")
-    lines.append("  by phase: " + ", ".join(f"{name} {_gib(p['device'])} / {_gib(p['host'])}"
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in plan[where].items() if k not in ("peak", "phase"))
+        lines.append(f"  {where:<6} peak {format_bytes(plan[where]['peak']):>10} in {plan[where]['phase']}  ({parts})")
+    lines.append("  by phase: " + ", ".join(f"{name} {format_bytes(p['device'])} / {format_bytes(p['host'])}"
                                             for name, p in plan["phases"].items()) + "  (device / host)")
     return "\n".join(lines)
 

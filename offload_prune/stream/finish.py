@@ -25,6 +25,11 @@ def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, d
         "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
         "options": config.result_options(run.method.options), "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "resumed": resumed, "ranks": run.ranks.world,
+        # How to reproduce it: the data by name or path, and the versions that computed it.
+        "calibration": {"data": config.calib_data, "nsamples": config.nsamples, "seqlen": config.seqlen,
+                        "seed": config.seed},
+        "evaluation_data": config.eval_data if evaluation is not None else None,
+        "versions": state.manifest["fingerprint"]["versions"],
         "memory_plan": plan, "modules": state.modules, "unpruned": state.manifest["unpruned"],
         "totals": totals(state.modules, state.manifest["unpruned"]),
         "nm_valid": all(m["nm_valid"] for m in state.modules.values()) if config.nm else None,

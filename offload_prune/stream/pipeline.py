@@ -28,7 +28,7 @@ from ..data.calibration import calibration_windows
 from ..disk.checkpoint import CheckpointReader
 from ..disk.diskspace import check_disk_space, disk_full_message
 from ..disk.durable import DiskFullError
-from ..disk.runstate import FollowerState, RunState
+from ..disk.runstate import FollowerState, RunState, check_output_folder
 from ..evaluation.perplexity import evaluation_windows
 from ..methods import PruningMethod, build_method
 from ..model.lm_head import LmHead
@@ -85,6 +85,7 @@ def prune(config: PruneConfig) -> dict:
         raise OffloadPruneError("--save is required: the folder the pruned model is written to")
     keep_large_allocations_mmapped()
     reader = CheckpointReader(config.model)  # config and shard headers only
+    check_output_folder(config.save, reader.folder)
     device = pick_device(config.device)
     ranks = Ranks.from_environment(device)
     try:

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from ..config import format_bytes
+
 from ..runtime.hostmem import release_free_memory
 from ..runtime.masks import chunks_of, nm_holds
 
@@ -118,8 +120,6 @@ class PhaseMeter:
         return max(values) if values else None
 
 
-def _gib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f} GiB"
 
 
 def format_summary(report: dict) -> str:
@@ -136,10 +136,10 @@ def format_summary(report: dict) -> str:
     ranks = report.get("ranks", 1)
     lines.append(f"  time: {phases}" + (f" ({ranks} ranks; memory below is rank 0's)" if ranks > 1 else ""))
     plan = report["memory_plan"]
-    memory = f"  peak host RSS {_gib(report['peak_host_rss_bytes'])} (plan {_gib(plan['host']['peak'])})"
+    memory = f"  peak host RSS {format_bytes(report['peak_host_rss_bytes'])} (plan {format_bytes(plan['host']['peak'])})"
     if report["peak_device_bytes"] is not None:
-        memory += (f", peak device memory {_gib(report['peak_device_bytes'])} reserved "
-                   f"(plan {_gib(plan['device']['peak'])})")
+        memory += (f", peak device memory {format_bytes(report['peak_device_bytes'])} reserved "
+                   f"(plan {format_bytes(plan['device']['peak'])})")
     lines.append(memory)
     return "\n".join(lines)
 

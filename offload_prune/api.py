@@ -1,0 +1,108 @@
+"""The Python API: the CLI's three commands as functions, taking the CLI's options by their Python names.
+
+    import offload_prune
+    report = offload_prune.prune("HuggingFaceTB/SmolLM2-135M", "out/smollm2-wanda", calib_data="text.txt",
+                                 nsamples=16, seqlen=512, sparsity_ratio=0.5)
+    offload_prune.plan("meta-llama/Llama-2-70b-hf", prune_method="sparsegpt", device="cuda")
+    offload_prune.perplexity("out/smollm2-wanda", "wikitext2_test.txt", seqlen=512)
+
+Options are validated once, as the CLI validates them (`PruneConfig.validate`): a bad one raises
+`OffloadPruneError` with the CLI's one-line message. Paths may be `str` or `Path`.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .config import OffloadPruneError, PruneConfig
+from .data.calibration import text_size_of
+from .disk.checkpoint import CheckpointReader
+from .evaluation.perplexity import evaluation_windows
+from .evaluation.perplexity import perplexity as streamed_perplexity
+from .plan.memory import device_free_bytes, load_config_only, memory_plan, per_rank, resolve_activation_store
+from .runtime.distributed import Ranks
+from .stream import pipeline
+from .stream.report import current_host_rss_bytes
+
+
+def options(model: str | Path, **chosen) -> PruneConfig:
+    """The run's options from keyword arguments (the CLI's flags by their Python names), validated."""
+    known = {f.name for f in fields(PruneConfig) if f.init}
+    unknown = sorted(set(chosen) - known)
+    if unknown:
+        raise OffloadPruneError(f"unknown option {unknown[0]!r}: the options are the CLI's flags by their Python "
+                                "names (sparsity_ratio, calib_data, offload_activations, ...)")
+    return PruneConfig(model=str(model), **chosen).validate()
+
+
+def prune(model: str | Path, save: str | Path, **chosen) -> dict:
+    """Prune `model` (a local folder or a hub id) into the folder `save`; returns the report (report.json)."""
+    return pipeline.prune(options(model, save=save, **chosen))
+
+
+def plan(model: str | Path, ranks: int = 1, **chosen) -> dict:
+    """The memory plan of a prune run with these options (one of `ranks` torchrun ranks), from config.json
+    and the shard headers alone: each phase's device and host peaks and their parts. The activation store
+    `auto` resolves as a run would resolve it here."""
+    return planned(options(model, **chosen), ranks)[1]
+
+
+def planned(config: PruneConfig, ranks: int = 1) -> tuple[PruneConfig, dict]:
+    """(the options with the activation store resolved, their plan) for one of `ranks` ranks."""
+    if ranks < 1:
+        raise OffloadPruneError(f"--ranks must be >= 1, got {ranks}")
+    # A plan for a GPU may be made where there is none: the device is named, not opened.
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device("cpu" if config.device == "cpu" else config.device)
+    model_config = load_config_only(config.model)
+    shard_dtypes = local_shard_dtypes(config.model)
+    text_size, eval_windows = text_size_of(config.calib_data), planned_eval_windows(config)
+    # The process term measured where the run measures it, with the tokenizer loaded (not the baseline
+    # constant): `plan` and the run's own plan then say one number.
+    tokenizer = pipeline.load_tokenizer(Path(config.model).expanduser()) if Path(config.model).expanduser().is_dir() \
+        else None
+    process_bytes = current_host_rss_bytes()
+    del tokenizer
+    return resolve_activation_store(config, lambda chosen: memory_plan(
+        per_rank(chosen, Ranks(0, ranks)), model_config, device.type, text_size, eval_windows,
+        process_bytes=process_bytes, shard_dtypes=shard_dtypes), device_free_bytes(device))
+
+
+def perplexity(model: str | Path, eval_data: str | Path, seqlen: int = 2048, max_windows: int | None = None,
+               device: str = "auto", dtype: str = "auto", micro_batch_size: int = 1, on_disk: bool = False,
+               quiet: bool = True) -> dict:
+    """Perplexity of `model` on `eval_data` (a local text file, or wikitext2 with `datasets`), streamed
+    block by block: {"model", "ppl", "windows", "seqlen", "seconds"}."""
+    options(model, seqlen=seqlen, eval_max_windows=max_windows, micro_batch_size=micro_batch_size, dtype=dtype)
+    reader = CheckpointReader(str(model))
+    compute_on = pipeline.pick_device(device)
+    windows = evaluation_windows(str(eval_data), pipeline.load_tokenizer(reader.folder), seqlen, max_windows)
+    result = streamed_perplexity(reader, windows, compute_on, pipeline.pick_dtype(dtype, compute_on, reader),
+                                 micro_batch_size=micro_batch_size, on_disk=on_disk, quiet=quiet)
+    return {"model": str(reader.folder), **result}
+
+
+def local_shard_dtypes(model: str) -> list[torch.dtype]:
+    """The stored dtypes of a local checkpoint's tensors (its shard headers), which a run computes from;
+    none for a hub id or a folder with config.json alone (the plan then goes by config.json)."""
+    if not Path(model).expanduser().is_dir():
+        return []
+    try:
+        return list(CheckpointReader(model).dtypes.values())
+    except OffloadPruneError:
+        return []
+
+
+def planned_eval_windows(config: PruneConfig) -> int:
+    """Evaluation windows: counted with the model's tokenizer when the model is a local folder, else
+    --eval-max-windows (0 when not given: the plan then leaves the evaluation out)."""
+    if not config.eval_ppl:
+        return 0
+    if Path(config.model).expanduser().is_dir():
+        return len(evaluation_windows(config.eval_data, pipeline.load_tokenizer(Path(config.model).expanduser()),
+                                      config.seqlen, config.eval_max_windows))
+    return config.eval_max_windows or 0
