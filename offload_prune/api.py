@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from .config import OffloadPruneError, PruneConfig
-from .data.calibration import text_size_of
+from .data.calibration import calibration_windows, text_size_of
 from .disk.checkpoint import CheckpointReader
 from .evaluation.perplexity import evaluation_windows
 from .evaluation.perplexity import perplexity as streamed_perplexity
 from .plan.memory import device_free_bytes, load_config_only, memory_plan, per_rank, resolve_activation_store
+from .model.skeleton import build_skeleton
 from .runtime.distributed import Ranks
 from .stream import pipeline
 from .stream.report import current_host_rss_bytes
@@ -61,12 +62,16 @@ def planned(config: PruneConfig, ranks: int = 1) -> tuple[PruneConfig, dict]:
     model_config = load_config_only(config.model)
     shard_dtypes = local_shard_dtypes(config.model)
     text_size, eval_windows = text_size_of(config.calib_data), planned_eval_windows(config)
-    # The process term measured where the run measures it, with the tokenizer loaded (not the baseline
-    # constant): `plan` and the run's own plan then say one number.
-    tokenizer = pipeline.load_tokenizer(Path(config.model).expanduser()) if Path(config.model).expanduser().is_dir() \
-        else None
+    # The process term measured where the run measures it: after the calibration windows are made from a
+    # local text with the model's tokenizer, as the run makes them. `plan` and the run's own plan then say
+    # one number (a hub model or a named dataset is not fetched to plan: the process is measured before).
+    calibration, skeleton = None, build_skeleton(model_config)  # the run holds its meta model by then too
+    if Path(config.model).expanduser().is_dir():
+        tokenizer = pipeline.load_tokenizer(Path(config.model).expanduser())
+        if text_size:
+            calibration = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen, config.seed)
     process_bytes = current_host_rss_bytes()
-    del tokenizer
+    del calibration, skeleton
     return resolve_activation_store(config, lambda chosen: memory_plan(
         per_rank(chosen, Ranks(0, ranks)), model_config, device.type, text_size, eval_windows,
         process_bytes=process_bytes, shard_dtypes=shard_dtypes), device_free_bytes(device))

@@ -25,7 +25,7 @@ def in_memory_ppl(folder, seqlen, max_windows, text_file=None):
 def test_eval_command_matches_in_memory(checkpoint_factory):
     folder = checkpoint_factory(num_layers=3, hidden=64, intermediate=128, tie_word_embeddings=True)
     result = run_cli("eval", "--model", folder, "--eval-data", folder / "demo.txt", "--seqlen", 48,
-                     "--eval-max-windows", 5, "--quiet")
+                     "--eval-max-windows", 5, "--quiet", "--json")
     assert result.returncode == 0, result.stderr
     streamed = json.loads(result.stdout)
     assert streamed["windows"] == 5
@@ -45,3 +45,4 @@ def test_prune_reports_dense_and_pruned_perplexity(tiny_llama, tmp_path):
     assert math.isclose(ppl["pruned"]["ppl"], in_memory_ppl(save, 32, 4), rel_tol=1e-5)
     assert ppl["pruned"]["ppl"] != ppl["dense"]["ppl"]
     assert {"eval_dense", "eval_pruned"} <= set(report["seconds"])
+    assert report["evaluation_data"] == str(tiny_llama / "demo.txt")  # how to reproduce it

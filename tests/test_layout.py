@@ -61,3 +61,17 @@ def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
     for folder in [p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()]:
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
         assert doc and "Imports" in doc, folder.name
+
+
+def test_the_readme_is_a_manual_and_every_flag_is_documented():
+    from offload_prune.cli import eval_parser, plan_parser
+
+    root = PACKAGE.parent
+    readme = (root / "README.md").read_text()
+    assert len(readme.splitlines()) < 350
+    documented = readme + "".join(p.read_text() for p in (root / "docs").glob("*.md"))
+    flags = {s for parser in (plan_parser(), eval_parser()) for action in parser._actions
+             for s in action.option_strings if s.startswith("--") and s != "--help"}
+    spellings = lambda flag: {flag, "--" + flag[2:].replace("_", "-"), "--" + flag[2:].replace("-", "_")}  # noqa: E731
+    missing = sorted(f for f in flags if not any(s in documented for s in spellings(f)))
+    assert not missing, missing

@@ -20,6 +20,7 @@ REPORT_NAME = "report.json"
 def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, dtype: torch.dtype,
                         resumed: bool) -> dict:
     config, state, meter, device = run.config, run.state, run.meter, run.device
+    num_layers = run.streamed.num_layers
     report = {
         "save": str(state.save), "model": str(run.reader.folder), "method": config.prune_method,
         "sparsity_type": config.sparsity_type, "target_sparsity": config.effective_sparsity,
@@ -36,7 +37,9 @@ def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, d
         "layer_sparsity": {"rule": config.layer_sparsity if config.layer_sparsity in ("uniform", "owl") else "file",
                            "ratios": [run.block_sparsity(i) for i in range(run.streamed.num_layers)],
                            **({"outlier_ratios": [m["outlier_ratio"] for m in state.manifest["outliers"]],
-                               "owl_lambda": config.owl_lambda, "owl_m": config.owl_m}
+                               "owl_lambda": config.owl_lambda, "owl_m": config.owl_m,
+                               "weighted_mean": _weighted_mean([run.block_sparsity(i) for i in range(num_layers)],
+                                                               [m["weights"] for m in state.manifest["outliers"]])}
                               if config.layer_sparsity == "owl" else {})},
     }
     if run.method.removes_blocks:
@@ -71,3 +74,8 @@ def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, d
     if not config.quiet:
         print(format_summary(report))
     return report
+
+
+def _weighted_mean(ratios: list[float], weights: list[int]) -> float | None:
+    """The blocks' ratios averaged by their prunable weights: what OWL's ratios give over the model."""
+    return sum(r * w for r, w in zip(ratios, weights)) / sum(weights) if sum(weights) else None

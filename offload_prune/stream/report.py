@@ -124,10 +124,15 @@ class PhaseMeter:
 
 def format_summary(report: dict) -> str:
     removal = report.get("block_removal")
-    lines = ([_removal_summary(report, removal)] if removal else
-             [f"offload-prune: {report['method']} {report['sparsity_type']} "
-              f"(target sparsity {report['target_sparsity']:.2%}) -> {report.get('save', '')}"] +
-             _sparsity_summary(report))
+    if removal:
+        lines = [_removal_summary(report, removal)]
+    elif report.get("structured"):  # what was removed, not a table of (almost) no zeros
+        lines = [f"offload-prune: {report['method']} structured -> {report.get('save', '')}",
+                 *_structured_summary(report["structured"]), *_rules_summary(report)]
+    else:
+        lines = [f"offload-prune: {report['method']} {report['sparsity_type']} "
+                 f"(target sparsity {report['target_sparsity']:.2%}) -> {report.get('save', '')}",
+                 *_sparsity_summary(report)]
     for which in ("dense", "pruned"):
         ppl = report.get("perplexity", {}).get(which)
         if ppl:
@@ -163,10 +168,8 @@ def _sparsity_summary(report: dict) -> list[str]:
     for kind, entry in report["totals"].items():
         lines.append(f"  {kind:<10} {entry['modules']:>6} {entry['numel']:>14,} {entry['zeros']:>14,} "
                      f"{entry['sparsity']:>9.2%}")
-    rules: dict[str, int] = {}
-    for stats in report["modules"].values():
-        rules[stats.get("rule", "?")] = rules.get(stats.get("rule", "?"), 0) + 1
-    lines.append("  pruned by: " + ", ".join(f"{rule} {count} modules" for rule, count in sorted(rules.items())))
+    lines.extend(_shortfall(report))
+    lines.extend(_rules_summary(report))
     reasons: dict[str, int] = {}
     for stats in report["modules"].values():
         if stats.get("fallback"):
@@ -186,16 +189,51 @@ def _sparsity_summary(report: dict) -> list[str]:
                      f"{len(ratios)} blocks (each block's ratio in report.json)")
     if report.get("nm_valid") is not None:
         lines.append(f"  N:M pattern valid in every module: {report['nm_valid']}")
-    structured = report.get("structured")
-    if structured:
+    return lines
+
+
+def _rules_summary(report: dict) -> list[str]:
+    rules: dict[str, int] = {}
+    for stats in report["modules"].values():
+        rules[stats.get("rule", "?")] = rules.get(stats.get("rule", "?"), 0) + 1
+    return ["  pruned by: " + ", ".join(f"{rule} {count} modules" for rule, count in sorted(rules.items()))]
+
+
+def _shortfall(report: dict) -> list[str]:
+    """Why the pruned matrices' sparsity is not the target, when it is not (by more than 0.05 points)."""
+    numel = sum(stats["numel"] for stats in report["modules"].values())
+    zeros = sum(stats["zeros"] for stats in report["modules"].values())
+    target = report.get("target_sparsity")
+    if not numel or target is None or abs(zeros / numel - target) <= 5e-4:
+        return []
+    reasons = []
+    layers = report.get("layer_sparsity") or {}
+    mean = layers.get("weighted_mean")
+    if layers.get("rule") == "owl" and mean is not None and abs(mean - target) > 5e-4:
+        reasons.append(f"OWL's per-block ratios, clipped to within {layers['owl_lambda']} of the target, average "
+                       f"{mean:.2%} weighted by each block's weights")
+    if report.get("sparsity_type") == "unstructured":
+        reasons.append("each row prunes a whole number of weights, its ratio times its inputs rounded down"
+                       + (" (OWL's per-block ratios are not multiples of 1/inputs)" if layers.get("rule") == "owl" else ""))
+    if zeros / numel > target:
+        reasons.append("weights that were zero already count as pruned")
+    return [f"  reached {zeros / numel:.2%} of the pruned matrices' weights against the {target:.2%} target: "
+            + "; ".join(reasons)]
+
+
+def _structured_summary(structured: dict) -> list[str]:
+    """Widths and parameters before and after: what a structured run removed."""
+    lines = []
+    how = "removed (matrices and intermediate size shrunk)" if structured["shrink"] else "zeroed (shapes kept)"
+    refit = "refitted by least squares" if structured["neuron_refit"] else "not refitted"
+    if structured["widths"]:
         widths = ", ".join(f"{before} -> {after}" for before, after in structured["widths"])
-        how = "removed (matrices and intermediate size shrunk)" if structured["shrink"] else "zeroed (shapes kept)"
-        before, after = structured["params_before"], structured["params_after"]
-        refit = "refitted by least squares" if structured["neuron_refit"] else "not refitted"
         lines.append(f"  MLP neurons per layer: {widths}, {how}; output matrix {refit}")
-        if structured.get("key_value_groups"):
-            groups = ", ".join(f"{before} -> {after}" for before, after in structured["key_value_groups"])
-            lines.append(f"  attention key/value groups per layer: {groups} (with their query heads), "
-                         f"{'removed' if structured['shrink'] else 'zeroed'}; output projection {refit}")
-        lines.append(f"  parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})")
+    if structured.get("key_value_groups"):
+        groups = ", ".join(f"{before} -> {after}" for before, after in structured["key_value_groups"])
+        lines.append(f"  attention key/value groups per layer: {groups} (with their query heads), "
+                     f"{'removed' if structured['shrink'] else 'zeroed'}; output projection {refit}")
+    before, after = structured["params_before"], structured["params_after"]
+    lines.append(f"  parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})"
+                 + ("" if structured["shrink"] else "; zeroed weights still stored (--shrink removes them)"))
     return lines
