@@ -66,9 +66,12 @@ def planned(config: PruneConfig, ranks: int = 1) -> tuple[PruneConfig, dict]:
     # local text with the model's tokenizer, as the run makes them. `plan` and the run's own plan then say
     # one number (a hub model or a named dataset is not fetched to plan: the process is measured before).
     calibration, skeleton = None, build_skeleton(model_config)  # the run holds its meta model by then too
-    if Path(config.model).expanduser().is_dir():
-        tokenizer = pipeline.load_tokenizer(Path(config.model).expanduser())
-        if text_size:
+    if Path(config.model).expanduser().is_dir() and text_size:
+        try:
+            tokenizer = pipeline.load_tokenizer(Path(config.model).expanduser())
+        except OffloadPruneError:  # a folder with config.json alone can still be planned
+            tokenizer = None
+        if tokenizer is not None:
             calibration = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen, config.seed)
     process_bytes = current_host_rss_bytes()
     del calibration, skeleton

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from offload_prune import durable  # noqa: E402
+from offload_prune.disk import durable  # noqa: E402
 from offload_prune.cli import main  # noqa: E402
 
 

@@ -76,7 +76,7 @@ def test_not_enough_disk_space_is_refused_before_writing(model, tmp_path, capsys
     assert main(args(model, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "the run needs about" in err and "0.00 GiB is free" in err
+    assert "the run needs about" in err and "48.83 KiB is free" in err  # 50,000 bytes, in human units
     assert not (tmp_path / "out").exists()
 
 
