@@ -22,6 +22,7 @@ from ..config import OffloadPruneError
 from ..disk.checkpoint import CheckpointReader
 from ..disk.tensormap import TensorMap
 from ..runtime.activations import may_copy_asynchronously
+from ..runtime.hostmem import heap_for_temporaries
 from ..runtime.overlap import ReadAhead
 
 
@@ -287,6 +288,15 @@ def run_windows(layer: nn.Module, kwargs: dict, inputs: torch.Tensor, outputs: t
     # waits once, at the end: a micro-batch's outputs overwrite its own inputs only after the copy that
     # read them, in stream order.
     queued = outputs is not None and may_copy_asynchronously(outputs)
+    with heap_for_temporaries(device.type == "cpu"):
+        _run_batches(layer, kwargs, inputs, outputs, micro_batch_size, device, written, queued)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_batches(layer: nn.Module, kwargs: dict, inputs: torch.Tensor, outputs: torch.Tensor | None,
+                 micro_batch_size: int, device: torch.device, written: Callable[[slice], None] | None,
+                 queued: bool) -> None:
     for start in range(0, inputs.shape[0], micro_batch_size):
         batch = slice(start, start + micro_batch_size)
         out = layer(inputs[batch].to(device, non_blocking=True), **kwargs)
@@ -296,5 +306,3 @@ def run_windows(layer: nn.Module, kwargs: dict, inputs: torch.Tensor, outputs: t
             outputs[batch].copy_(out, non_blocking=queued)
             if written is not None:
                 written(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
