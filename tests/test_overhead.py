@@ -35,3 +35,33 @@ def test_per_block_overhead_is_a_small_fraction_of_the_prune_phase(checkpoint_fa
           f"the rest {overhead / phase:.1%}")
     assert spent["forward"] > 0 and spent["solve"] > 0
     assert overhead / phase < OVERHEAD_LIMIT
+
+
+def test_a_statistics_pass_that_reads_inputs_only_stops_before_the_last_matrix(checkpoint_factory, tmp_path,
+                                                                                monkeypatch):
+    """Wanda reads the matrices' inputs alone: its pass stops each forward when down_proj's input arrives
+    (down_proj, the residual add and the rest are not computed), and the weights are bit for bit those of
+    whole forwards."""
+    import torch
+
+    from offload_prune.methods.base import PruningMethod
+    from conftest import folder_digests, read_all_tensors
+    model = checkpoint_factory(num_layers=3, hidden=64, intermediate=128)
+    calls = {"down_proj": 0}
+    original = torch.nn.Linear.forward
+
+    def counted(self, x):
+        if getattr(self, "out_features", None) == 64 and getattr(self, "in_features", None) == 128:
+            calls["down_proj"] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+    options = dict(calib_data=str(model / "demo.txt"), nsamples=4, seqlen=32, quiet=True, overlap_io=False)
+    offload_prune.prune(model, tmp_path / "stopped", **options)
+    stopped = calls["down_proj"]
+    monkeypatch.setattr(Wanda, "reads_outputs", PruningMethod.reads_outputs)  # whole forwards, as before
+    calls["down_proj"] = 0
+    offload_prune.prune(model, tmp_path / "whole", **options)
+    assert calls["down_proj"] - stopped == 3 * 4  # every block's statistics pass, 4 windows each
+    assert read_all_tensors(tmp_path / "stopped").keys() == read_all_tensors(tmp_path / "whole").keys()
+    assert folder_digests(tmp_path / "stopped") == folder_digests(tmp_path / "whole")

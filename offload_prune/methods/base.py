@@ -25,6 +25,9 @@ class PruningMethod:
     options: tuple[str, ...] = ()
     #: Whether an expert's inputs are scaled by the router weight of each token (see README, MoE).
     weights_by_router: bool = True
+    #: Whether add_batch reads the matrices' outputs; when not, a statistics pass stops each forward once
+    #: the last matrix's input is seen (Wanda's pass skips down_proj and what follows it).
+    reads_outputs: bool = True
     #: True when the method removes whole blocks instead of pruning weights (block_removal.py).
     removes_blocks: bool = False
     #: Structured pruning: whether a removed neuron's mean contribution goes into the output bias (FLAP).

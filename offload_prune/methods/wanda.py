@@ -17,6 +17,7 @@ from .base import ScoreMaskMethod
 class Wanda(ScoreMaskMethod):
     per_row = True
     runs_on_ranks = True
+    reads_outputs = False  # input norms only
 
     def __init__(self, config):
         super().__init__(config)

@@ -233,12 +233,26 @@ def _observe_calls(block, matrices, paths, probe):
 Observe = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
-def observe(matrices: dict[str, Matrix], callback: Observe, weight_by_router: bool) -> list:
+class BlockStopped(Exception):
+    """Raised in a block's forward once every observed matrix has seen its input: the rest is not needed."""
+
+
+def observe(matrices: dict[str, Matrix], callback: Observe, weight_by_router: bool, inputs_only: bool = False) -> list:
     """Hooks that hand `callback(name, inputs, outputs)` each matrix's inputs on every forward. An
     expert sees only the tokens routed to it; with `weight_by_router` each token's input (and output)
-    is scaled by the router weight that multiplies the expert's output for it. Returns the handles."""
+    is scaled by the router weight that multiplies the expert's output for it. With `inputs_only` (the
+    callback reads no outputs: it gets None) the block's forward stops with BlockStopped when the last
+    stage's input arrives, before that stage and what follows it compute, where the matrices allow it
+    (plain linear layers). Returns the handles."""
     handles = []
-    plain = {m.module: m for m in matrices.values() if m.expert is None}
+    last = _last_stage(matrices) if inputs_only else []
+    if last:
+        def stop(module, args):
+            for matrix in last:  # one stage: they all read this tensor
+                callback(matrix.name, args[0], None)
+            raise BlockStopped
+        handles += [matrix.module.register_forward_pre_hook(stop) for matrix in last]
+    plain = {m.module: m for m in matrices.values() if m.expert is None and m not in last}
 
     def plain_hook(matrix: Matrix):
         def hook(module, args, output):
@@ -257,6 +271,16 @@ def observe(matrices: dict[str, Matrix], callback: Observe, weight_by_router: bo
         handles.append(module.register_forward_pre_hook(_expert_hook(module, experts, callback, weight_by_router),
                                                         with_kwargs=True))
     return handles
+
+
+def _last_stage(matrices: dict[str, Matrix]) -> list[Matrix]:
+    """The matrices called last (one stage), when the forward may stop before them: plain linear layers
+    each called once, no experts or routers among the observed (their hooks need whole forwards)."""
+    if not matrices or any(m.expert is not None or m.kind == "router" for m in matrices.values()):
+        return []
+    final = max(m.stage for m in matrices.values())
+    last = [m for m in matrices.values() if m.stage == final]
+    return last if len({id(m.module) for m in last}) == len(last) else []
 
 
 def _expert_hook(module: nn.Module, experts: dict[int, list[Matrix]], callback: Observe, weight_by_router: bool):

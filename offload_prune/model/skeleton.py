@@ -24,6 +24,7 @@ from ..disk.tensormap import TensorMap
 from ..runtime.activations import may_copy_asynchronously
 from ..runtime.hostmem import heap_for_temporaries
 from ..runtime.overlap import ReadAhead
+from .matrices import BlockStopped
 
 
 class _StopForward(Exception):
@@ -299,7 +300,12 @@ def _run_batches(layer: nn.Module, kwargs: dict, inputs: torch.Tensor, outputs: 
                  queued: bool) -> None:
     for start in range(0, inputs.shape[0], micro_batch_size):
         batch = slice(start, start + micro_batch_size)
-        out = layer(inputs[batch].to(device, non_blocking=True), **kwargs)
+        try:
+            out = layer(inputs[batch].to(device, non_blocking=True), **kwargs)
+        except BlockStopped:  # statistics only: every observed matrix had its input
+            if outputs is not None:
+                raise
+            continue
         # transformers 5 returns a tensor; 4.x returned a tuple whose first item is the hidden states.
         out = out[0] if isinstance(out, tuple) else out
         if outputs is not None:

@@ -123,7 +123,7 @@ def collect(method, block: nn.Module, matrices: dict[str, Matrix], kwargs: dict,
             tokens[name] = tokens.get(name, 0) + x.numel() // x.shape[-1]
         method.add_batch(name, x, y)
 
-    handles = observe(matrices, observe_batch, method.weights_by_router)
+    handles = observe(matrices, observe_batch, method.weights_by_router, inputs_only=not method.reads_outputs)
     try:
         run_windows(block, kwargs, inputs, None, config.micro_batch_size, device)
     finally:
