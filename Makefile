@@ -18,7 +18,7 @@ EVAL     ?=
 ARGS     ?=
 OUT      ?= out/$(if $(MODEL),$(notdir $(MODEL)),demo)-$(METHOD)-$(subst :,of,$(TYPE))-$(SPARSITY)
 
-.PHONY: setup prune test bench bench-memory bench-block70b bench-quality bench-structured bench-gpu clean
+.PHONY: setup prune test bench bench-memory bench-block70b bench-quality bench-structured bench-gpu bench-peer clean
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,11 @@ bench-structured: setup
 # On a CUDA machine (not part of `make bench`): the GPU figures of the README.
 bench-gpu: setup
 	cd bench && $(abspath $(BIN))/python gpu.py
+
+# offload-prune against llm-compressor on the same windows (its own venv, made once; never a dependency).
+bench-peer: setup
+	cd bench && (test -x $(HOME)/.cache/offload-prune-peer-venv/bin/python || $(abspath $(BIN))/python peer.py --setup) && \
+		$(abspath $(BIN))/python peer.py
 
 clean:
 	rm -rf out .pytest_cache
