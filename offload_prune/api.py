@@ -61,18 +61,14 @@ def planned(config: PruneConfig, ranks: int = 1) -> tuple[PruneConfig, dict]:
         device = torch.device("cpu" if config.device == "cpu" else config.device)
     model_config = load_config_only(config.model)
     shard_dtypes = local_shard_dtypes(config.model)
-    text_size, eval_windows = text_size_of(config.calib_data), planned_eval_windows(config)
+    tokenizer = local_tokenizer(config.model)
+    text_size, eval_windows = text_size_of(config.calib_data), planned_eval_windows(config, tokenizer)
     # The process term measured where the run measures it: after the calibration windows are made from a
     # local text with the model's tokenizer, as the run makes them. `plan` and the run's own plan then say
     # one number (a hub model or a named dataset is not fetched to plan: the process is measured before).
     calibration, skeleton = None, build_skeleton(model_config)  # the run holds its meta model by then too
-    if Path(config.model).expanduser().is_dir() and text_size:
-        try:
-            tokenizer = pipeline.load_tokenizer(Path(config.model).expanduser())
-        except OffloadPruneError:  # a folder with config.json alone can still be planned
-            tokenizer = None
-        if tokenizer is not None:
-            calibration = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen, config.seed)
+    if tokenizer is not None and text_size:
+        calibration = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen, config.seed)
     process_bytes = current_host_rss_bytes()
     del calibration, skeleton
     return resolve_activation_store(config, lambda chosen: memory_plan(
@@ -105,12 +101,23 @@ def local_shard_dtypes(model: str) -> list[torch.dtype]:
         return []
 
 
-def planned_eval_windows(config: PruneConfig) -> int:
-    """Evaluation windows: counted with the model's tokenizer when the model is a local folder, else
+def local_tokenizer(model: str):
+    """The tokenizer of a local model folder, loaded once for the plan; None for a hub id or a folder
+    without one (config.json alone can still be planned)."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return None
+    try:
+        return pipeline.load_tokenizer(folder)
+    except OffloadPruneError:
+        return None
+
+
+def planned_eval_windows(config: PruneConfig, tokenizer) -> int:
+    """Evaluation windows: counted with the model's tokenizer when there is one here, else
     --eval-max-windows (0 when not given: the plan then leaves the evaluation out)."""
     if not config.eval_ppl:
         return 0
-    if Path(config.model).expanduser().is_dir():
-        return len(evaluation_windows(config.eval_data, pipeline.load_tokenizer(Path(config.model).expanduser()),
-                                      config.seqlen, config.eval_max_windows))
+    if tokenizer is not None:
+        return len(evaluation_windows(config.eval_data, tokenizer, config.seqlen, config.eval_max_windows))
     return config.eval_max_windows or 0
