@@ -72,6 +72,14 @@ class Bench:
         return (calibration + f"; perplexity on {p['eval'].name}, {p['eval_seqlen']}-token windows"
                 + (f", first {p['eval_max_windows']}" if p["eval_max_windows"] else ", all"))
 
+    def results(self, path: Path) -> dict:
+        """The results kept in `path` (the runs there are reused: a table fills in over several invocations),
+        with the dense model's perplexity."""
+        results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "runs": []}
+        if "dense" not in results:
+            results["dense"] = self.perplexity(self.preset["model"])
+        return results
+
     def perplexity(self, folder: Path) -> float | None:
         from offload_prune.disk.checkpoint import CheckpointReader
         from offload_prune.evaluation.perplexity import perplexity
@@ -102,6 +110,14 @@ class Bench:
                 "ratios": report["layer_sparsity"]["ratios"]}
 
 
+def open_table(preset: str, out: Path, table: str) -> tuple[Bench, Path, dict]:
+    """The preset's bench, described on stdout, and the results file `out/<table>-<preset>.json` with its runs."""
+    bench = Bench(preset, out)
+    print(bench.describe() + "\n")
+    path = out / f"{table}-{preset}.json"
+    return bench, path, bench.results(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="stories260k")
@@ -111,13 +127,7 @@ def main() -> None:
                         help="uniform and/or OWL layer sparsities")
     parser.add_argument("--out", type=Path, default=Path("out"))
     args = parser.parse_args()
-    bench = Bench(args.preset, args.out)
-    print(bench.describe() + "\n")
-    path = args.out / f"quality-{args.preset}.json"
-    # Runs already in the results file are reused: the table fills in over several invocations.
-    results = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "runs": []}
-    if "dense" not in results:
-        results["dense"] = bench.perplexity(bench.preset["model"])
+    bench, path, results = open_table(args.preset, args.out, "quality")
     dense = results["dense"]
     done = {(r["method"], r["layer_sparsity"], r["setting"]): r for r in results["runs"]}
     print(f"dense: {dense:.3f}\n")

@@ -1,7 +1,8 @@
 """Smaller, faster models: parameters, disk size, forward latency, generation speed and perplexity of
 the dense model against each structured setting (ShortGPT block removal, MLP shrink by several neuron
 scores, with and without the least-squares refit, a third of the attention key/value groups removed,
-and both), all measured side by side in one process.
+and both; each also with --reconstruct block, as `<setting>+recon`), all measured side by side in one
+process.
 
     python bench/structured.py --preset smollm2       # SmolLM2-135M, WikiText-2 perplexity (~25 min on 2 cores)
     python bench/structured.py --preset synthetic1b   # a random 1.1B Llama (TinyLlama's shape): speed and size only
@@ -55,6 +56,9 @@ SETTINGS = {
     "shrink-flap+heads": ("flap", dict(sparsity_type="structured", shrink=True, sparsity_ratio=MLP_SHRINK,
                                        prune_heads=HEAD_SHARE)),
 }
+# Each structured setting again with block-local reconstruction after it (--reconstruct block, its defaults).
+SETTINGS.update({f"{name}+recon": (method, {**options, "reconstruct": "block"})
+                 for name, (method, options) in [(n, v) for n, v in SETTINGS.items() if v and v[0] != "shortgpt"]})
 
 
 def synthetic_preset(out: Path) -> dict:

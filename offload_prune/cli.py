@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, OffloadPruneError, PruneConfig, parse_bytes
+from .config import (ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, RECON_OPTIMIZERS, RECON_TARGETS,
+                     RECONSTRUCT_MODES, OffloadPruneError, PruneConfig, parse_bytes)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,7 +77,25 @@ def prune_parser() -> argparse.ArgumentParser:
     _flag(parser, "overwrite", action="store_true", help="replace the contents of a non-empty --save")
     _neuronrank_flags(parser)
     _sparsegpt_and_budget_flags(parser)
+    _reconstruction_flags(parser)
     return parser
+
+
+def _reconstruction_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "reconstruct", default="off", choices=RECONSTRUCT_MODES,
+          help="after the mask, train each block's kept weights to match its dense output: the whole block at "
+               "once (block), or its attention and its MLP one after the other (sublayer: less memory); "
+               "default off")
+    _flag(parser, "recon-target", default="dense-block", choices=RECON_TARGETS,
+          help="what the reconstruction matches: the dense block on the same inputs (dense-block, default), or "
+               "the dense model's own hidden states, carried in a second activation cache (dense-stream)")
+    _flag(parser, "recon-steps", type=int, default=64, help="optimiser steps per block or sub-layer (default 64)")
+    _flag(parser, "recon-batch", type=int, default=2, help="calibration windows per step (default 2)")
+    _flag(parser, "recon-lr", type=float, default=1e-3,
+          help="learning rate, on a cosine to zero over the steps (default 1e-3)")
+    _flag(parser, "recon-optimizer", default="adam", choices=RECON_OPTIMIZERS,
+          help="adam (default) or sgd with momentum 0.9")
+    _flag(parser, "recon-norms", action="store_true", help="also train biases and norm weights")
 
 
 def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,9 @@ HEAD_METHODS = ("magnitude", "wanda", "flap")
 ACTIVATION_STORES = ("ram", "disk", "device", "auto")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 HESSIAN_DTYPES = ("float32", "float64")
+RECONSTRUCT_MODES = ("off", "block", "sublayer")
+RECON_TARGETS = ("dense-block", "dense-stream")
+RECON_OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -94,6 +97,17 @@ class PruneConfig:
     # Mixture-of-Experts
     prune_router: bool = False
     expert_min_tokens: int = 32
+    # Block-local reconstruction after the mask (reconstruct/): the kept weights trained so that the block's
+    # output (block), or its attention's and its MLP's one after the other (sublayer), matches the target: the
+    # dense block on the same inputs (dense-block) or the dense model's own stream (dense-stream).
+    reconstruct: str = "off"
+    recon_target: str = "dense-block"
+    # Defaults measured on SmolLM2 (docs/benchmarks.md): at the same compute, more, smaller steps did better.
+    recon_steps: int = 64
+    recon_batch: int = 2  # windows per optimiser step, over all ranks
+    recon_lr: float = 1e-3
+    recon_optimizer: str = "adam"
+    recon_norms: bool = False  # train biases and norm weights too
     # Budgets checked against the memory plan before any weight is read (bytes; None = no limit).
     max_device_memory: int | None = None
     max_host_memory: int | None = None
@@ -159,6 +173,7 @@ class PruneConfig:
             raise OffloadPruneError("--ria-permute is channel permutation for N:M sparsity with --prune_method ria")
         self._validate_layer_sparsity()
         self._validate_block_removal()
+        self._validate_reconstruction()
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise OffloadPruneError(f"--hessian-dtype must be one of {HESSIAN_DTYPES}, got {self.hessian_dtype}")
         if self.percdamp < 0:
@@ -217,6 +232,22 @@ class PruneConfig:
             raise OffloadPruneError(f"--layer-sparsity must be uniform, owl or a JSON file of ratios; "
                                     f"{self.layer_sparsity} is none of them")
 
+    def _validate_reconstruction(self) -> None:
+        choices = {"reconstruct": RECONSTRUCT_MODES, "recon_target": RECON_TARGETS,
+                   "recon_optimizer": RECON_OPTIMIZERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise OffloadPruneError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                        f"got {getattr(self, name)!r}")
+        if self.recon_steps < 1 or self.recon_batch < 1:
+            raise OffloadPruneError(f"--recon-steps and --recon-batch must be >= 1, got {self.recon_steps} and "
+                                    f"{self.recon_batch}")
+        if not self.recon_lr > 0:  # also refuses nan
+            raise OffloadPruneError(f"--recon-lr must be > 0, got {self.recon_lr}")
+        if self.reconstruct != "off" and self.prune_method == "shortgpt":
+            raise OffloadPruneError("--reconstruct trains the weights a mask kept; --prune_method shortgpt removes "
+                                    "whole blocks and keeps every weight of the others")
+
     def _validate_block_removal(self) -> None:
         if self.prune_method != "shortgpt":
             if self.remove_layers is not None or self.target_params is not None or self.angular:
@@ -257,6 +288,9 @@ class PruneConfig:
             names += ["owl_lambda", "owl_m"]
         if self.sparsity_type == "structured":
             names += ["shrink", "neuron_refit", "percdamp", "prune_heads"]
+        if self.reconstruct != "off":
+            names += ["reconstruct", "recon_target", "recon_steps", "recon_batch", "recon_lr", "recon_optimizer",
+                      "recon_norms"]
         if self.nm is None:  # N:M fixes the ratio itself
             names.insert(1, "sparsity_ratio")
         return {name: getattr(self, name) for name in names}

@@ -91,6 +91,26 @@ def test_two_ranks_prune_what_one_process_prunes(model, tmp_path, method, extra)
     assert two["memory_plan"]["activation_cache_bytes"] * 2 == one["memory_plan"]["activation_cache_bytes"]
 
 
+def test_two_ranks_reconstruct_what_one_process_reconstructs(model, tmp_path):
+    """Each rank takes gradients on the windows of each step it holds, summed over the ranks before the step:
+    the ranks take one process's steps. Summed in another order the gradients differ in their last bits,
+    which Adam's normalised steps carry on: the kept weights agree to 1e-4 of their norm (stated tolerance),
+    the zeros exactly (Wanda's masks are bit-exact across ranks, and reconstruction never moves a zero)."""
+    common = ("--prune_method", "wanda", "--reconstruct", "block", "--recon-steps", "8", "--recon-batch", "3")
+    prune_on_one_thread(quick_args(model, tmp_path / "one", *common))
+    done = torchrun(*quick_args(model, tmp_path / "two", *common))
+    assert done.returncode == 0, done.stderr[-2000:]
+    single, split = read_all_tensors(tmp_path / "one"), read_all_tensors(tmp_path / "two")
+    for name, weight in single.items():
+        assert torch.equal(weight == 0, split[name] == 0), name
+        assert (split[name] - weight).norm() <= 1e-4 * weight.norm(), name
+    one, two = (json.loads((tmp_path / f / "report.json").read_text())["reconstruction"]["blocks"]
+                for f in ("one", "two"))
+    for index, entry in one.items():
+        assert entry["kept"] == two[index]["kept"]
+        assert two[index]["error_after"] == pytest.approx(entry["error_after"], rel=1e-3)
+
+
 def test_two_machines_meeting_through_a_rendezvous_prune_what_one_process_prunes(model, tmp_path):
     """Two torchrun agents of one rank each (each its LOCAL_RANK 0, as on two machines), joined through
     the c10d rendezvous multi-node runs use, give one process's weights bit for bit."""

@@ -42,6 +42,9 @@ def test_block_weights_and_activation_cache_match_the_plan(tiny_llama, tmp_path)
     (["--prune_method", "wanda", "--nr-prune-lm-head", "--layer-sparsity", "owl"], ["owl", "prune"]),
     (["--prune_method", "shortgpt", "--remove-layers", 1], ["influence", "copy"]),
     (["--prune_method", "wanda", "--sparsity_type", "structured", "--shrink", "--prune-heads", 0.5], ["prune"]),
+    (["--prune_method", "wanda", "--reconstruct", "block", "--recon-steps", 2, "--recon-batch", 2], ["prune"]),
+    (["--prune_method", "wanda", "--reconstruct", "sublayer", "--recon-target", "dense-stream", "--recon-steps", 2,
+      "--recon-batch", 2], ["prune"]),
 ])
 def test_every_phase_measured_within_the_plan(checkpoint_factory, tmp_path, options, phases):
     """A run through every phase (calibration, capture, OWL's dense pass, prune, write with the head

@@ -138,6 +138,21 @@ def test_shrink_killed_every_few_steps_then_resumed_is_identical(resume_model, p
     assert not failures, "\n".join(failures)
 
 
+def test_reconstruction_killed_at_every_step_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
+    """--reconstruct with the dense-stream target: the trained blocks, and the dense stream's own activation
+    cache committed beside the pruned stream's, resume to the same bytes from any step."""
+    args = lambda save: prune_args(resume_model, save, "--reconstruct", "block", "--recon-target",  # noqa: E731
+                                   "dense-stream", "--recon-steps", 4)
+    code, printed = worker.run(*args(tmp_path / "uninterrupted"))
+    assert code == 0, printed
+    expected = folder_digests(tmp_path / "uninterrupted")
+    steps = worker.steps(*args(tmp_path / "logged"))
+    assert any("acts_00002.dense.bin" in step for step in steps)
+    failures = sweep_kills(worker, args, steps, expected, tmp_path)
+    print(f"reconstruction: {len(steps)} kill points swept, {len(steps) - len(failures)} identical")
+    assert not failures, "\n".join(failures)
+
+
 def test_double_kill_then_resume_is_identical(resume_model, prune_args, worker, uninterrupted, tmp_path):
     steps = worker.steps(*prune_args(resume_model, tmp_path / "logged"))
     failures = []

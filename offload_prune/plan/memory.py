@@ -13,6 +13,8 @@ its own line, for the compute device and for the host, with the parts that make 
                previous block's stored copy being written behind;
 - influence:   (shortgpt) one block with one micro-batch, in the dense pass;
 - copy:        (shortgpt) one kept block's stored tensors, read and written under new names;
+  with --reconstruct, also training the pruned block (reconstruct/memory.py: float32 masters,
+               gradients, optimiser state, one micro-batch's backward pass) beside its target cache;
 - write:       the tensors outside the blocks, one being serialized, the head's prune workspace;
 - eval:        the largest of: the embedding step, one block with one micro-batch, and embedding
                and head with the logits of one chunk of positions.
@@ -35,6 +37,7 @@ from ..methods import build_method
 from ..model.matrices import describe, find_matrices
 from ..model.selection import selected_matrices
 from ..model.skeleton import build_skeleton
+from ..reconstruct import reconstruction_bytes
 from ..runtime.activations import STAGING_BYTES, pinned_bytes
 from ..runtime.distributed import Ranks
 from ..runtime.masks import chunk_workspace_bytes
@@ -51,6 +54,9 @@ RUNTIME_GROWTH_BYTES = 32 * 2**20
 TOKENIZE_BYTES_PER_TEXT_BYTE = 220
 #: Logits are computed for this many (position x vocabulary) entries at a time.
 LOGITS_CHUNK_ELEMENTS = 1 << 22
+#: A float32 backward pass keeps about this many times a micro-batch's forward activations
+#: (`micro_batch_bytes`): those saved for the backward, and their gradients.
+RECON_BACKWARD_FACTOR = 2
 PHASES = ("calibration", "capture", "prune", "write", "eval")
 #: How the plan's first line says where the activation cache is.
 STORE_WORDS = {"ram": "in RAM", "disk": "on disk", "device": "on the device"}
@@ -166,6 +172,10 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
                    "logits_chunk": 3 * logits_chunk_positions(vocab) * vocab * 4},
                   {"stored_embedding_and_head": (embedding + head_apart) * stored.itemsize})],
     }
+    if config.reconstruct != "off":
+        for recon in reconstruction_bytes(config, block, matrices, compute, RECON_BACKWARD_FACTOR * micro_batch_bytes(
+                config, model_config, 4), micro_batch):
+            phases["prune"].append(({"block_weights": block_compute, **recon}, {**ahead, **behind}))
     device_plan, host_plan = {}, {}
     for name, steps in phases.items():
         cached = name in ("capture", "owl", "influence", "prune")
@@ -173,7 +183,13 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         on_device = {"activation_cache": cache} if store == "device" and cached else {}
         # Host caches are page-locked when a GPU computes, and take their size rounded up to a power of two.
         host_cache = pinned_bytes if device_type == "cuda" else int
+        # --reconstruct's targets: a second cache beside the first in the prune phase (the dense block's
+        # outputs, or the dense stream's), where the first is; on disk a file, not memory.
+        target = cache if config.reconstruct != "off" and name == "prune" and store != "disk" else 0
+        if target and store == "device":
+            on_device["recon_target_cache"] = target
         caches = {"activation_cache": host_cache(cache) if store == "ram" and cached else 0,
+                  "recon_target_cache": host_cache(target) if store == "ram" else 0,
                   "activation_staging": host_cache(min(STAGING_BYTES, cache)) if on_device else 0,
                   "eval_cache": host_cache(eval_cache) if store != "disk" and name == "eval" else 0}
         fixed = {"process": process_bytes, "runtime_growth": RUNTIME_GROWTH_BYTES if name != "calibration" else 0,
@@ -255,6 +271,8 @@ def check_budget(plan: dict, config: PruneConfig) -> None:
                 f"the plan needs {format_bytes(plan[where]['peak'])} of {where} memory in its {plan[where]['phase']} phase, "
                 f"over --max-{where}-memory {format_bytes(limit)} (largest part: {biggest} {format_bytes(parts[biggest])}); "
                 + ("try --offload-activations disk or fewer --nsamples" if where == "host"
+                   else "try --reconstruct sublayer, a smaller --micro-batch-size or --seqlen"
+                   if config.reconstruct == "block" and biggest.startswith("recon")
                    else "try --true-sequential, a smaller --micro-batch-size or --seqlen"))
 
 

@@ -19,6 +19,7 @@ from ..runtime.hostmem import release_free_memory
 from ..runtime.masks import zero_lowest
 from .owl_pass import measure_outliers
 from .passes import LAYER_KWARGS, Run, advance_inputs, capture, collect
+from .reconstruction import BlockReconstruction
 from .report import module_stats
 
 
@@ -37,22 +38,35 @@ def prune_blocks(run: Run, windows: torch.Tensor) -> None:
     if state.completed_blocks < num_layers:
         layer_kwargs = torch.load(state.dir / LAYER_KWARGS, map_location="cpu", weights_only=False)
         inputs = run.store.open(state.completed_blocks)
+        reconstruction = (BlockReconstruction(run, run.store.shape, run.store.dtype)
+                          if run.config.reconstruct != "off" else None)
         with meter("prune"):
-            for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks", disable=run.config.quiet,
-                              initial=state.completed_blocks, total=num_layers):
-                inputs = _prune_block(run, index, layer_kwargs[index], inputs)
-            run.writer.wait()
+            try:
+                for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks",
+                                  disable=run.config.quiet, initial=state.completed_blocks, total=num_layers):
+                    inputs = _prune_block(run, index, layer_kwargs[index], inputs, reconstruction)
+                run.writer.wait()
+            finally:
+                if reconstruction is not None:
+                    run.writer.wait()  # a commit in flight may still persist the dense stream
+                    reconstruction.release()
 
 
-def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor) -> torch.Tensor:
-    """Load, collect, prune, propagate, write and commit block `index`; returns the next block's inputs."""
+def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor,
+                 reconstruction: BlockReconstruction | None) -> torch.Tensor:
+    """Load, collect, prune, (reconstruct,) propagate, write and commit block `index`; returns the next
+    block's inputs."""
     config, device = run.config, run.device
     block = run.streamed.load_block(index)
     matrices = find_matrices(block)
     run.described.describe(block, matrices, lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
     chosen = selected_matrices(matrices, index, run.streamed.num_layers, config)
     sparsity = run.block_sparsity(index)
+    if reconstruction is not None:
+        reconstruction.before_mask(index, block, layer_kwargs, inputs)
     method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs, sparsity) if chosen else {}
+    reconstructed = (reconstruction.after_mask(index, block, matrices, layer_kwargs, inputs)
+                     if reconstruction is not None and chosen else None)
     last = index + 1 == run.streamed.num_layers
     # The previous block's commit is finished before this one's outputs are made: in RAM they overwrite
     # the inputs, which it persists, and its durable steps stay in order before this block's.
@@ -60,9 +74,11 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
     if not last:  # the last block's outputs feed nothing
         run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device,
                     run.store.written)
-    next_inputs = dict if last else advance_inputs(run, index + 1)
+    pruned_inputs = dict if last else advance_inputs(run, index + 1)
+    dense_inputs = reconstruction.next_inputs(index) if reconstruction is not None else dict
     if run.ranks.lead:  # the other ranks write nothing and report nothing
-        _commit_behind(run, index, block, matrices, chosen, method_info, next_inputs)
+        _commit_behind(run, index, block, matrices, chosen, method_info, lambda: {**pruned_inputs(), **dense_inputs()},
+                       reconstructed)
     run.streamed.unload_block(index)
     # A block's tensors can sit in reference cycles: freed before the next block loads, and the heap's free
     # pages handed back, so they do not add up block after block.
@@ -71,7 +87,8 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor)
 
 
 def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, Matrix], chosen: dict[str, Matrix],
-                   method_info: dict[str, dict], next_inputs: Callable[[], dict[str, durable.FileRecord]]) -> None:
+                   method_info: dict[str, dict], next_inputs: Callable[[], dict[str, durable.FileRecord]],
+                   reconstructed: dict | None) -> None:
     """The pruned block's report entries now; its shards, the next block's inputs and the manifest on the
     writer thread, while the next block loads and collects statistics."""
     config, state = run.config, run.state
@@ -85,12 +102,15 @@ def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, M
     unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
                      for n, w in other_weights(block, matrices).items()})
     tensors = run.streamed.block_tensors(index)
+    reconstruction = ({"reconstruction": {**state.manifest.get("reconstruction", {}), str(index): reconstructed}}
+                      if reconstructed is not None else {})
 
     def commit_block() -> None:
         outputs = run.layout.write_unit(1 + index, state.save, tensors)
         run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS), **next_inputs()}
         state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
-                     modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned})
+                     modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned},
+                     **reconstruction)
 
     run.writer.submit(commit_block)
 

@@ -56,6 +56,11 @@ def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, d
                                 "key_value_groups": [[before, after] for before, after in sorted(groups.items())],
                                 "params_before": sum(math.prod(shape) for shape in run.reader.shapes.values()),
                                 "params_after": params_after}
+    if config.reconstruct != "off":
+        blocks = state.manifest.get("reconstruction", {})
+        report["reconstruction"] = {"mode": config.reconstruct, "target": config.recon_target,
+                                    "steps": config.recon_steps, "lr": config.recon_lr,
+                                    "blocks": {int(i): entry for i, entry in sorted(blocks.items(), key=lambda kv: int(kv[0]))}}
     if evaluation is not None:
         options = dict(micro_batch_size=config.micro_batch_size,
                        on_disk=config.offload_activations == "disk", quiet=config.quiet)

@@ -68,16 +68,19 @@ def capture(run: Run, windows: torch.Tensor) -> None:
     run.ranks.barrier()  # every rank reads the keyword arguments rank 0 wrote
 
 
-def advance_inputs(run: Run, index: int) -> Callable[[], dict[str, durable.FileRecord]]:
-    """The outputs just made become the inputs of block `index`; returns what makes them durable and
-    names them for the manifest. In one process it does so when called (on the writer thread, maybe).
-    Across ranks every rank persists its share now, after a barrier (rank 0's previous commit is over:
-    it deletes the run files it does not name), and rank 0 names them all."""
-    persist = run.store.advance()
+def advance_inputs(run: Run, index: int, store: ActivationStore | None = None
+                   ) -> Callable[[], dict[str, durable.FileRecord]]:
+    """The outputs just made become the inputs of block `index` (in `store`, the run's activation cache by
+    default); returns what makes them durable and names them for the manifest. In one process it does so
+    when called (on the writer thread, maybe). Across ranks every rank persists its share now, after a
+    barrier (rank 0's previous commit is over: it deletes the run files it does not name), and rank 0
+    names them all."""
+    store = store or run.store
+    persist = store.advance()
     if run.ranks.world == 1:
-        return lambda: {run.store.name(index): persist(index)}
+        return lambda: {store.name(index): persist(index)}
     run.ranks.barrier()
-    records = dict(run.ranks.gather((run.store.name(index), persist(index))))
+    records = dict(run.ranks.gather((store.name(index), persist(index))))
     return lambda: records
 
 

@@ -133,6 +133,8 @@ def format_summary(report: dict) -> str:
         lines = [f"offload-prune: {report['method']} {report['sparsity_type']} "
                  f"(target sparsity {report['target_sparsity']:.2%}) -> {report.get('save', '')}",
                  *_sparsity_summary(report)]
+    if report.get("reconstruction"):
+        lines.extend(_reconstruction_summary(report["reconstruction"]))
     for which in ("dense", "pruned"):
         ppl = report.get("perplexity", {}).get(which)
         if ppl:
@@ -236,4 +238,22 @@ def _structured_summary(structured: dict) -> list[str]:
     before, after = structured["params_before"], structured["params_after"]
     lines.append(f"  parameters: {before:,} -> {after:,} ({after / before - 1:+.1%})"
                  + ("" if structured["shrink"] else "; zeroed weights still stored (--shrink removes them)"))
+    return lines
+
+
+def _reconstruction_summary(reconstruction: dict) -> list[str]:
+    """How many blocks reconstruction improved, by how much, and why the others kept their pruned weights."""
+    blocks = reconstruction["blocks"]
+    if not blocks:
+        return [f"  reconstruction ({reconstruction['mode']}): no block was pruned"]
+    kept = [i for i, entry in blocks.items() if entry["kept"]]
+    ratios = sorted(entry["error_after"] / entry["error_before"] for entry in blocks.values() if entry["error_before"])
+    seconds = sum(entry["seconds"] for entry in blocks.values())
+    lines = [f"  reconstruction ({reconstruction['mode']}, {reconstruction['target']} target, "
+             f"{reconstruction['steps']} steps): kept in {len(kept)} of {len(blocks)} blocks, block output error "
+             f"x{ratios[len(ratios) // 2]:.3f} (median; from x{ratios[0]:.3f} to x{ratios[-1]:.3f}), {seconds:.1f} s"
+             if ratios else f"  reconstruction ({reconstruction['mode']}): the pruned blocks' outputs were exact"]
+    fallbacks = {i: entry["fallback"] for i, entry in blocks.items() if entry.get("fallback")}
+    if fallbacks:
+        lines.append("  reconstruction not kept: " + "; ".join(f"block {i}: {why}" for i, why in fallbacks.items()))
     return lines

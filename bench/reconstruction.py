@@ -1,0 +1,89 @@
+"""Block-local reconstruction (--reconstruct) on the real models in ../shared/assets: perplexity, prune-phase
+time and peak RSS of each method with and without it, against ADMM alone.
+
+    python bench/reconstruction.py --preset smollm2                      # the table in docs/benchmarks.md
+    python bench/reconstruction.py --preset stories260k
+    python bench/reconstruction.py --preset smollm2 --rows wanda/50%/block/recon_lr=3e-4 admm/2:4/off
+
+A row is method/setting/mode, then any PruneConfig options as key=value (numbers parsed); mode is off,
+block or sublayer. Setting: 50%, 60%, 70%, 2:4, or structured settings: mlp25 (25 % of MLP neurons,
+shrunk) and mlp25+heads (also a third of the key/value groups), as bench/structured.py prunes them. Results go to out/reconstruction-<preset>.json
+after every run; rows already there are not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from quality import PRESETS, SETTINGS, Bench, open_table
+
+# bench/structured.py's shrink settings: a quarter of the MLP neurons, and a third of the key/value groups.
+STRUCTURED = {"mlp25": {"sparsity_type": "structured", "sparsity_ratio": 0.25, "shrink": True},
+              "mlp25+heads": {"sparsity_type": "structured", "sparsity_ratio": 0.25, "shrink": True,
+                              "prune_heads": 1 / 3}}
+DEFAULT_ROWS = [
+    "wanda/50%/off", "wanda/50%/block", "wanda/2:4/block",
+    "admm/60%/off", "admm/60%/block", "admm/2:4/off", "admm/2:4/block",
+    "wanda/50%/sublayer", "wanda/50%/block/recon_target=dense-stream",
+    "flap/mlp25+heads/off", "flap/mlp25+heads/block",
+]
+
+
+def parse_row(row: str) -> tuple[str, dict]:
+    method, setting, mode, *extra = row.split("/")
+    options = {**(SETTINGS.get(setting) or STRUCTURED[setting]), "reconstruct": mode}
+    for item in extra:
+        key, value = item.split("=", 1)
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return method, options
+
+
+def run_row(bench: Bench, row: str) -> dict:
+    method, options = parse_row(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = bench.prune(method, Path(tmp) / "out", **options)
+        ppl = bench.perplexity(Path(tmp) / "out")
+    blocks = (report.get("reconstruction") or {}).get("blocks", {})
+    ratios = sorted(b["error_after"] / b["error_before"] for b in blocks.values() if b["error_before"])
+    return {"row": row, "ppl": ppl, "prune_seconds": report["seconds"]["prune"],
+            "peak_rss_bytes": report["phase_peaks"]["prune"]["host"],
+            "planned_prune_host_bytes": report["memory_plan"]["phases"]["prune"]["host"],
+            "recon_kept": sum(b["kept"] for b in blocks.values()), "recon_blocks": len(blocks),
+            "recon_median_error_ratio": ratios[len(ratios) // 2] if ratios else None,
+            "recon_seconds": sum(b["seconds"] for b in blocks.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="stories260k")
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    args = parser.parse_args()
+    bench, path, results = open_table(args.preset, args.out, "reconstruction")
+    print(f"dense perplexity {results['dense']:.3f}\n")
+    print("| row | perplexity | prune phase | of which reconstruction | peak RSS (plan) | blocks kept | "
+          "block error ratio (median) |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    done = {r["row"]: r for r in results["runs"]}
+    for row in args.rows:
+        run = done.get(row)
+        if run is None:
+            run = run_row(bench, row)
+            results["runs"].append(run)
+            path.write_text(json.dumps(results, indent=1))
+        ratio = f"{run['recon_median_error_ratio']:.3f}" if run["recon_median_error_ratio"] is not None else "-"
+        print(f"| {row} | {run['ppl']:.3f} | {run['prune_seconds']:.0f} s | {run['recon_seconds']:.0f} s | "
+              f"{run['peak_rss_bytes'] / 2**30:.2f} GiB ({run['planned_prune_host_bytes'] / 2**30:.2f}) | "
+              f"{run['recon_kept']}/{run['recon_blocks']} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
