@@ -4,10 +4,11 @@
 applied, into a buffer kept beside the activation cache (in RAM, on the device, or in a scratch file on
 disk, as the cache is). It is rebuilt for every block, so a resume needs nothing of it: it is not part of
 the durable run state. `dense-stream`: the dense model's own outputs, carried block to block in a second,
-durable activation cache (stream/dense_stream.py); this module only names where they are.
+durable activation cache (stream/reconstruction.py), not here.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -32,10 +33,7 @@ class TargetBuffer:
         """The buffer, made on first use and reused for every block."""
         if self._tensor is None:
             if self.where == "disk":
-                numel = 1
-                for dim in self.shape:
-                    numel *= dim
-                self._tensor = torch.from_file(str(self.path), shared=True, size=numel,
+                self._tensor = torch.from_file(str(self.path), shared=True, size=math.prod(self.shape),
                                                dtype=self.dtype).view(self.shape)
             elif self.where == "device":
                 self._tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
