@@ -56,7 +56,7 @@ def statistics_time(model: Path, args, share: bool) -> dict[str, float]:
     reader = CheckpointReader(str(model))
     streamed = StreamedModel(reader, device, dtype)
     block = streamed.load_block(0)
-    options = PruneConfig(model=str(model), prune_method="sparsegpt", seqlen=args.seqlen).validate()
+    options = PruneConfig(micro_batch_size=1, model=str(model), prune_method="sparsegpt", seqlen=args.seqlen).validate()
     method = SparseGPT(options, share_hessians=share)
     x = torch.randn(args.nsamples, args.seqlen, LLAMA2_70B["hidden_size"], generator=torch.Generator().manual_seed(0)).to(dtype)
     positions = torch.arange(args.seqlen, device=device)[None]
@@ -137,7 +137,7 @@ def main() -> None:
     full = LlamaConfig(num_hidden_layers=80, dtype="float16", **LLAMA2_70B)
     print("\nplan for the full LLaMA-2-70B (128 x 2048 calibration tokens) on a GPU:")
     for offload in ("ram", "disk"):
-        plan = memory_plan(PruneConfig(model="llama2-70b", prune_method="sparsegpt", offload_activations=offload).validate(),
+        plan = memory_plan(PruneConfig(micro_batch_size=1, model="llama2-70b", prune_method="sparsegpt", offload_activations=offload).validate(),
                            full, "cuda", calibration_text_bytes=0, eval_windows=0)
         print(f"  activations in {offload}:")
         print("  " + format_plan(plan, "meta-llama/Llama-2-70b-hf").replace("\n", "\n  "))

@@ -72,7 +72,7 @@ def whole_model_prune(model: Path, save: Path, method_name: str, nsamples: int, 
 
     start = time.perf_counter()
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
-    config = PruneConfig(model=str(model), prune_method=method_name, nsamples=nsamples, seqlen=seqlen).validate()
+    config = PruneConfig(model=str(model), prune_method=method_name, micro_batch_size=1, nsamples=nsamples, seqlen=seqlen).validate()
     method = build_method(config, lm.config)
     windows = sample_windows(tokenize(AutoTokenizer.from_pretrained(model), load_text(str(model / "demo.txt"))),
                              nsamples, seqlen, 0)

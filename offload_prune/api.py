@@ -21,7 +21,9 @@ from .data.calibration import calibration_windows, text_size_of
 from .disk.checkpoint import CheckpointReader
 from .evaluation.perplexity import evaluation_windows
 from .evaluation.perplexity import perplexity as streamed_perplexity
-from .plan.memory import device_free_bytes, load_config_only, memory_plan, per_rank, resolve_activation_store
+from .plan.memory import (device_free_bytes, device_total_bytes, load_config_only, memory_plan, per_rank,
+                          resolve_activation_store)
+from .plan.micro_batch import resolve_micro_batch
 from .model.skeleton import build_skeleton
 from .runtime.distributed import Ranks
 from .stream import pipeline
@@ -71,9 +73,13 @@ def planned(config: PruneConfig, ranks: int = 1) -> tuple[PruneConfig, dict]:
         calibration = calibration_windows(config.calib_data, tokenizer, config.nsamples, config.seqlen, config.seed)
     process_bytes = current_host_rss_bytes()
     del calibration, skeleton
-    return resolve_activation_store(config, lambda chosen: memory_plan(
-        per_rank(chosen, Ranks(0, ranks)), model_config, device.type, text_size, eval_windows,
-        process_bytes=process_bytes, shard_dtypes=shard_dtypes), device_free_bytes(device))
+    def plan_for(chosen: PruneConfig) -> dict:
+        return memory_plan(per_rank(chosen, Ranks(0, ranks)), model_config, device.type, text_size, eval_windows,
+                           process_bytes=process_bytes, shard_dtypes=shard_dtypes)
+
+    share = Ranks(0, ranks).windows(config.nsamples)
+    config = resolve_micro_batch(config, plan_for, share.stop - share.start, device.type, device_total_bytes(device))
+    return resolve_activation_store(config, plan_for, device_free_bytes(device))
 
 
 def perplexity(model: str | Path, eval_data: str | Path, seqlen: int = 2048, max_windows: int | None = None,

@@ -28,14 +28,24 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
-def _common(parser: argparse.ArgumentParser, stores: tuple[str, ...] = ("ram", "disk")) -> None:
+def _micro_batch(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def _common(parser: argparse.ArgumentParser, stores: tuple[str, ...] = ("ram", "disk"),
+            planned_micro_batch: bool = False) -> None:
     parser.add_argument("--version", action="version", version=f"offload-prune {__version__}")
     _flag(parser, "model", required=True, help="local Hugging Face model folder or hub id")
     _flag(parser, "seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     _flag(parser, "device", default="auto", help="cuda, cuda:N or cpu (default: cuda when available)")
     _flag(parser, "dtype", default="auto", choices=DTYPES,
           help="compute dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
-    _flag(parser, "micro-batch-size", type=int, default=1, help="windows per forward call (default 1)")
+    if planned_micro_batch:
+        _flag(parser, "micro-batch-size", type=_micro_batch, default="auto",
+              help="windows per forward call (default auto: 1 on the CPU; on a GPU the most, up to 8192 tokens, "
+                   "that the memory plan fits)")
+    else:
+        _flag(parser, "micro-batch-size", type=int, default=1, help="windows per forward call (default 1)")
     _flag(parser, "offload-activations", default="ram", choices=stores,
           help="keep cached activations in RAM or in a memory-mapped file" + (
               ", or on the compute device (a GPU: no host copies per micro-batch); auto: on the GPU when the "
@@ -52,7 +62,7 @@ def prune_parser() -> argparse.ArgumentParser:
         "Prune a Hugging Face causal LM block by block from its safetensors shards. "
         "Other commands: `offload-prune eval --model X --eval-data F` (perplexity), "
         "`offload-prune plan --model X ...` (memory needed, from config.json only)."))
-    _common(parser, stores=ACTIVATION_STORES)
+    _common(parser, stores=ACTIVATION_STORES, planned_micro_batch=True)
     _flag(parser, "save", type=Path, default=None, help="output folder for the pruned model (required)")
     _flag(parser, "overlap-io", default="on", choices=("on", "off"),
           help="read the next block and write the last one while a block computes (default on; off: one "

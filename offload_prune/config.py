@@ -36,7 +36,7 @@ class PruneConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    micro_batch_size: int = 1
+    micro_batch_size: int | str = "auto"  # auto: chosen by the plan (plan/micro_batch.py)
     offload_activations: str = "ram"
     # Read block i+1 and write block i-1 on helper threads while block i computes (one more block of
     # each on the host); off: everything in series, the least memory.
@@ -178,7 +178,9 @@ class PruneConfig:
             raise OffloadPruneError(f"--hessian-dtype must be one of {HESSIAN_DTYPES}, got {self.hessian_dtype}")
         if self.percdamp < 0:
             raise OffloadPruneError(f"--percdamp must be >= 0, got {self.percdamp}")
-        for name in ("nsamples", "seqlen", "micro_batch_size", "blocksize"):
+        if self.micro_batch_size != "auto" and not (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1):
+            raise OffloadPruneError(f"--micro-batch-size must be auto or a number >= 1, got {self.micro_batch_size!r}")
+        for name in ("nsamples", "seqlen", "blocksize"):
             if getattr(self, name) < 1:
                 raise OffloadPruneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_max_windows is not None and self.eval_max_windows < 1:

@@ -31,7 +31,7 @@ def main(method_name: str, true_sequential: bool, hessian_dtype: str) -> None:
     describe(block, linears)
     # Two ADMM iterations: the memory does not depend on how many.
     structured = method_name.endswith("-structured")
-    options = PruneConfig(model="-", prune_method=method_name.removesuffix("-structured"), seqlen=64,
+    options = PruneConfig(model="-", prune_method=method_name.removesuffix("-structured"), seqlen=64, micro_batch_size=1,
                           true_sequential=true_sequential, hessian_dtype=hessian_dtype, admm_iterations=2,
                           **(dict(sparsity_type="structured", sparsity_ratio=0.25) if structured else {})).validate()
     x = torch.randn(4, 64, 2048)

@@ -85,7 +85,7 @@ def test_cuda_plan_counts_the_square_cusolver_holds_in_cholesky_inverse(tmp_path
                         num_key_value_heads=8, vocab_size=32000, dtype="float16")
     square = 28672**2 * 4
     for method, squares_on_cpu in (("sparsegpt", 2), ("admm", 3)):
-        config = PruneConfig(model="-", prune_method=method).validate()
+        config = PruneConfig(micro_batch_size=1, model="-", prune_method=method).validate()
         on_gpu = memory_plan(config, llama, "cuda", process_bytes=PROCESS_BASELINE_BYTES)
         on_cpu = memory_plan(config, llama, "cpu", process_bytes=PROCESS_BASELINE_BYTES)
         assert on_cpu["method"]["prune"] < (squares_on_cpu + 1) * square <= on_gpu["method"]["prune"], method
@@ -95,7 +95,7 @@ def test_cuda_plan_counts_the_square_cusolver_holds_in_cholesky_inverse(tmp_path
 
 # -- 4. the page-locked cache: rounded by the host allocator, handed back on release ------------------------
 def test_a_pinned_cache_is_planned_at_the_size_the_host_allocator_gives_it(tiny_llama):
-    config = PruneConfig(model=str(tiny_llama), nsamples=5, seqlen=48, offload_activations="ram").validate()
+    config = PruneConfig(micro_batch_size=1, model=str(tiny_llama), nsamples=5, seqlen=48, offload_activations="ram").validate()
     model_config = LlamaConfig.from_pretrained(tiny_llama)
     gpu = memory_plan(config, model_config, "cuda", eval_windows=3)
     cpu = memory_plan(config, model_config, "cpu", eval_windows=3)
@@ -237,7 +237,7 @@ def test_plan_and_run_take_the_stored_dtype_from_the_shards_when_config_json_dis
     assert stored_dtype(reader.config) == torch.float32
     run = pick_dtype("auto", torch.device("cuda"), reader)
     assert run == torch.bfloat16 == compute_dtype("auto", "cuda", stored_dtype(reader.config, reader.dtypes.values()))
-    plan = memory_plan(PruneConfig(model=str(model)).validate(), reader.config, "cuda",
+    plan = memory_plan(PruneConfig(micro_batch_size=1, model=str(model)).validate(), reader.config, "cuda",
                        shard_dtypes=reader.dtypes.values())
     assert plan["compute_dtype"] == "bfloat16"
     assert main(["plan", "--model", str(model), "--device", "cuda", "--nsamples", "4", "--seqlen", "32"]) == 0

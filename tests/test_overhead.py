@@ -2,9 +2,13 @@
 the block forwards and the method's solve (loading, committing, bookkeeping) stays a small fraction."""
 import time
 
+import pytest
+
 import offload_prune
 import offload_prune.stream.blocks as blocks
 import offload_prune.stream.passes as passes
+from offload_prune.methods.admm import ADMM
+from offload_prune.methods.sparsegpt import SparseGPT
 from offload_prune.methods.wanda import Wanda
 
 #: Measured 2.5-7 % on a 4-block width-256 Llama with 16-64 windows of 256 tokens (2-core CPU).
@@ -37,11 +41,13 @@ def test_per_block_overhead_is_a_small_fraction_of_the_prune_phase(checkpoint_fa
     assert overhead / phase < OVERHEAD_LIMIT
 
 
+@pytest.mark.parametrize("method_class,method", [(Wanda, "wanda"), (SparseGPT, "sparsegpt"), (ADMM, "admm")])
 def test_a_statistics_pass_that_reads_inputs_only_stops_before_the_last_matrix(checkpoint_factory, tmp_path,
-                                                                                monkeypatch):
-    """Wanda reads the matrices' inputs alone: its pass stops each forward when down_proj's input arrives
-    (down_proj, the residual add and the rest are not computed), and the weights are bit for bit those of
-    whole forwards."""
+                                                                                monkeypatch, method_class, method):
+    """Wanda, SparseGPT and ADMM read the matrices' inputs alone (the Hessian gives the output energy an
+    error is reported against): their pass stops each forward when down_proj's input arrives (down_proj,
+    the residual add and the rest are not computed), and the weights are bit for bit those of whole
+    forwards."""
     import torch
 
     from offload_prune.methods.base import PruningMethod
@@ -56,10 +62,11 @@ def test_a_statistics_pass_that_reads_inputs_only_stops_before_the_last_matrix(c
         return original(self, x)
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counted)
-    options = dict(calib_data=str(model / "demo.txt"), nsamples=4, seqlen=32, quiet=True, overlap_io=False)
+    options = dict(prune_method=method, calib_data=str(model / "demo.txt"), nsamples=4, seqlen=32, quiet=True,
+                   overlap_io=False)
     offload_prune.prune(model, tmp_path / "stopped", **options)
     stopped = calls["down_proj"]
-    monkeypatch.setattr(Wanda, "reads_outputs", PruningMethod.reads_outputs)  # whole forwards, as before
+    monkeypatch.setattr(method_class, "reads_outputs", PruningMethod.reads_outputs)  # whole forwards, as before
     calls["down_proj"] = 0
     offload_prune.prune(model, tmp_path / "whole", **options)
     assert calls["down_proj"] - stopped == 3 * 4  # every block's statistics pass, 4 windows each

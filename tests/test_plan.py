@@ -24,7 +24,7 @@ GIB = 2**30
 
 def test_block_weights_and_activation_cache_match_the_plan(tiny_llama, tmp_path):
     reader = CheckpointReader(str(tiny_llama))
-    config = PruneConfig(model=str(tiny_llama), nsamples=4, seqlen=32, prune_method="wanda").validate()
+    config = PruneConfig(micro_batch_size=1, model=str(tiny_llama), nsamples=4, seqlen=32, prune_method="wanda").validate()
     plan = memory_plan(config, reader.config, "cpu")
     block = StreamedModel(reader, torch.device("cpu"), torch.float32).load_block(0)
     assert plan["phases"]["prune"]["device_parts"]["block_weights"] == sum(p.nbytes for p in block.parameters())
@@ -104,13 +104,13 @@ def test_over_budget_is_refused_before_any_weight_is_read(tiny_llama, tmp_path, 
 def test_plan_for_llama2_70b_on_a_24gb_gpu(tmp_path, capsys):
     LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=32000, dtype="float16").save_pretrained(tmp_path)
-    config = PruneConfig(model=str(tmp_path), prune_method="sparsegpt").validate()
+    config = PruneConfig(micro_batch_size=1, model=str(tmp_path), prune_method="sparsegpt").validate()
     plan = memory_plan(config, LlamaConfig.from_pretrained(tmp_path), "cuda", process_bytes=PROCESS_BASELINE_BYTES)
     down_hessian = 28672**2 * 4
     assert plan["method"]["statistics"] == down_hessian + 3 * 8192**2 * 4
     assert plan["device"]["peak"] <= 12 * GIB
     assert plan["host"]["peak"] <= 16 * GIB
-    disk = memory_plan(PruneConfig(model="-", prune_method="sparsegpt", offload_activations="disk").validate(),
+    disk = memory_plan(PruneConfig(micro_batch_size=1, model="-", prune_method="sparsegpt", offload_activations="disk").validate(),
                        LlamaConfig.from_pretrained(tmp_path), "cuda")
     assert disk["host"]["peak"] <= 6 * GIB
     assert main(["plan", "--model", str(tmp_path), "--prune_method", "sparsegpt", "--device", "cuda"]) == 0
@@ -131,7 +131,7 @@ def test_a_many_expert_layer_never_holds_every_experts_hessian():
     model_config = AutoConfig.for_model("qwen3_moe", hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
                                         moe_intermediate_size=expert_width, num_experts=experts, num_experts_per_tok=8,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=300)
-    config = PruneConfig(model="-", prune_method="sparsegpt").validate()
+    config = PruneConfig(micro_batch_size=1, model="-", prune_method="sparsegpt").validate()
     _, _, layers = build_skeleton(model_config)
     matrices = find_matrices(layers[0])
     describe(layers[0], matrices)
@@ -191,7 +191,7 @@ def test_auto_activation_store_follows_the_memory_available(tiny_llama, tmp_path
 def test_auto_activation_store_takes_the_gpu_when_the_plan_fits_it(tiny_llama):
     """On a GPU the cache moves from the host's plan to the device's; auto takes the device when that plan
     fits its limit (--max-device-memory, else 90 % of its free memory) and the host's, then RAM, then disk."""
-    config = PruneConfig(model=str(tiny_llama), nsamples=64, seqlen=64, offload_activations="auto").validate()
+    config = PruneConfig(micro_batch_size=1, model=str(tiny_llama), nsamples=64, seqlen=64, offload_activations="auto").validate()
     model_config = LlamaConfig.from_pretrained(tiny_llama)
 
     def plan_for(options, device_type="cuda"):
@@ -217,15 +217,44 @@ def test_auto_activation_store_takes_the_gpu_when_the_plan_fits_it(tiny_llama):
 
 def test_auto_activation_store_takes_the_host_limit_when_given(tiny_llama):
 
-    config = PruneConfig(model=str(tiny_llama), nsamples=64, seqlen=64, offload_activations="auto").validate()
+    config = PruneConfig(micro_batch_size=1, model=str(tiny_llama), nsamples=64, seqlen=64, offload_activations="auto").validate()
     model_config = LlamaConfig.from_pretrained(tiny_llama)
 
     def plan_for(options):
         return memory_plan(options, model_config, "cpu", process_bytes=PROCESS_BASELINE_BYTES)
 
-    ram = plan_for(PruneConfig(model="-", nsamples=64, seqlen=64, offload_activations="ram"))["host"]["peak"]
-    disk = plan_for(PruneConfig(model="-", nsamples=64, seqlen=64, offload_activations="disk"))["host"]["peak"]
+    ram = plan_for(PruneConfig(micro_batch_size=1, model="-", nsamples=64, seqlen=64, offload_activations="ram"))["host"]["peak"]
+    disk = plan_for(PruneConfig(micro_batch_size=1, model="-", nsamples=64, seqlen=64, offload_activations="disk"))["host"]["peak"]
     assert disk < ram
     for limit, chosen in ((ram, "ram"), (ram - 1, "disk"), (disk, "disk")):
         resolved, plan = resolve_activation_store(config.replaced(max_host_memory=limit), plan_for)
         assert resolved.offload_activations == chosen and plan["activation_store"] == chosen
+
+
+def test_micro_batch_auto_is_one_on_the_cpu_and_the_largest_that_fits_on_a_gpu():
+    """--micro-batch-size auto: 1 on the CPU; on a GPU the largest power of two up to 8192 tokens whose
+    plan fits the device (--max-device-memory here), decided by the plan alone, so a resume decides alike."""
+    from offload_prune.plan.micro_batch import resolve_micro_batch
+    model_config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                               num_key_value_heads=8, vocab_size=1000)
+
+    def plan_for(options):
+        return memory_plan(options, model_config, "cuda", process_bytes=PROCESS_BASELINE_BYTES)
+
+    def resolved(windows, **options):
+        config = PruneConfig(model="-", nsamples=64, seqlen=512, prune_method="sparsegpt", **options).validate()
+        return resolve_micro_batch(config, plan_for, windows, "cuda", 80 * GIB).micro_batch_size
+
+    cpu = PruneConfig(model="-", nsamples=64, seqlen=512).validate()
+    assert resolve_micro_batch(cpu, plan_for, 64, "cpu", None).micro_batch_size == 1
+    assert resolved(64) == 16  # 8192 tokens of 512
+    assert resolved(5) == 4  # no more than the windows this process runs, a power of two
+    assert resolved(64, micro_batch_size=3) == 3  # a number is kept as given
+    peak = {size: plan_for(PruneConfig(model="-", nsamples=64, seqlen=512, prune_method="sparsegpt",
+                                       micro_batch_size=size).validate())["device"]["peak"] for size in (1, 2, 4, 8, 16)}
+    assert peak[1] < peak[2] < peak[4] < peak[8] < peak[16]
+    budget = (peak[4] + peak[8]) // 2  # 4 windows fit, 8 do not
+    assert resolved(64, max_device_memory=budget) == 4
+    assert resolved(64, max_device_memory=peak[1] - 1) == 1  # nothing larger fits: the plan's refusal then says so
+    with pytest.raises(ValueError, match="resolve_micro_batch"):
+        memory_plan(PruneConfig(model="-").validate(), model_config, "cuda")

@@ -64,6 +64,8 @@ def test_unsupported_architecture(capsys, tmp_path):
     (["--sparsity_type", "half"], "N:M"),
     (["--prune_method", "obs"], "invalid choice"),
     (["--nsamples", "0"], ">= 1"),
+    (["--micro-batch-size", "0"], "auto or a number >= 1"),
+    (["--micro-batch-size", "many"], "--micro-batch-size"),
     (["--eval-ppl"], "--eval-data"),
 ])
 def test_bad_flags(capsys, model_copy, tmp_path, flags, words):

@@ -115,14 +115,13 @@ class ADMM(SparseGPT):
         """Four float32 copies of W in the iterations (V, V + U, U, G V0), the mask, a chunk of scores."""
         return matrix.weight.numel() * (4 * 4 + 1) + chunk_workspace_bytes(matrix.weight.numel(), device_type)
 
-    def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix], sequences: int,
+    def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix],
                        sparsity: float) -> dict[str, dict]:
         config = self.config
         norms, gram, inverse = normalised_system(self.take_hessian(key, dead), config.admm_rho)
         results = {}
         for name, linear in linears.items():
             start = time.perf_counter()
-            self.outputs.pop(name, None)  # the error is measured on H itself below
 
             def normalised() -> torch.Tensor:  # V0, made again when needed rather than kept
                 return linear.weight.float().masked_fill(dead[None, :], 0).mul_(norms[None, :])

@@ -20,6 +20,7 @@ class Hybrid(PruningMethod):
         self.calibration_passes = self.mlp.calibration_passes
         self.calibration_pass = 0
         self.weights_by_router = self.mlp.weights_by_router  # experts are MLP matrices
+        self.reads_outputs = self.attention.reads_outputs or self.mlp.reads_outputs
         self.matrices: dict[str, Matrix] = {}
 
     def groups(self, linears: dict[str, Matrix]) -> list[list[str]]:

@@ -27,7 +27,7 @@ from ..config import OffloadPruneError, PruneConfig
 from ..model.matrices import Matrix
 from ..runtime.distributed import Ranks
 from ..runtime.hessian_sums import CompensatedSum, Float32Sum, no_tf32
-from ..runtime.masks import lowest_k
+from ..runtime.masks import lowest_k, row_chunks
 from .base import PruningMethod
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,19 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         hessian = torch.linalg.inv(inverse)  # noqa: F841 (read by the next retry)
     raise OffloadPruneError(f"Hessian not positive definite even with damping {added:.3g} "
                             f"({fraction * 10 ** MAX_DAMPING_RETRIES:g} x mean diagonal)")
+
+
+@torch.no_grad()
+def output_energy(weight: torch.Tensor, hessian: torch.Tensor, dead: torch.Tensor) -> float:
+    """tr(W H W^T) = (2/n) sum over tokens of ||W x||^2 for H = (2/n) sum x x^T: the output energy
+    without running the matrix on the calibration windows. Dead inputs (always zero; H holds 1 on their
+    diagonal) count nothing. A chunk of rows at a time, whose two temporaries together take no more than
+    the factor of H that the plan counts beside H (it does not exist yet)."""
+    total = 0.0
+    for rows in row_chunks(*weight.shape, weight.shape[1] ** 2 // 2):
+        part = weight[rows].float().masked_fill(dead[None, :], 0)
+        total += float(torch.vdot((part @ hessian).flatten(), part.flatten()))
+    return total
 
 
 @torch.no_grad()
@@ -99,6 +112,7 @@ def prune_with_obs(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor
 class SparseGPT(PruningMethod):
     options = ("blocksize", "percdamp", "true_sequential", "hessian_dtype")
     runs_on_ranks = True
+    reads_outputs = False  # the Hessian gives the output energy the error is reported against
 
     def __init__(self, config: PruneConfig, share_hessians: bool = True):
         super().__init__(config)
@@ -106,7 +120,6 @@ class SparseGPT(PruningMethod):
         self.sum_type = CompensatedSum if config.hessian_dtype == "float64" else Float32Sum
         self.hessians: dict[str, Float32Sum | CompensatedSum] = {}  # input key -> sum of x x^T
         self.sequences: dict[str, int] = {}             # input key -> calibration sequences seen
-        self.outputs: dict[str, list] = {}              # linear -> [sum ||y||^2, sum y, tokens]
         self.input_key: dict[str, str] = {}             # linear -> input key
         self._last: tuple[torch.Tensor, str] | None = None
 
@@ -198,7 +211,7 @@ class SparseGPT(PruningMethod):
         return matrix.weight.numel() * 4 * copies + matrix.out_features * self.config.blocksize * 4 * 4
 
     def reduce_statistics(self, ranks: Ranks, linears: dict[str, Matrix]) -> None:
-        """Hessians, sequence counts and output sums over the ranks. Which matrices share a Hessian is
+        """Hessians and sequence counts over the ranks. Which matrices share a Hessian is
         taken from any rank that fed them: a rank no token of whose windows reached an expert starts it
         from zeros."""
         for keys in ranks.gather({n: self.input_key[n] for n in linears if n in self.input_key}):
@@ -213,18 +226,11 @@ class SparseGPT(PruningMethod):
                 self.hessians[key] = self.sum_type(*sizes[key])
             self.hessians[key].reduce(ranks)
         self.sequences.update(ranks.sum_counts(self.sequences, shared))
-        for name, linear in linears.items():
-            squares, sums, tokens = self.outputs.get(name, (0.0, 0.0, 0))
-            packed = torch.zeros(linear.out_features + 2, dtype=torch.float64, device=linear.weight.device)
-            packed[0], packed[1:-1], packed[-1] = squares, sums, tokens
-            ranks.sum_(packed)
-            self.outputs[name] = [packed[0], packed[1:-1].float(), int(packed[-1])]
 
     def discard(self, names: list[str]) -> None:
         self._last = None  # no later micro-batch is this group's
         for name in names:
             key = self.input_key.pop(name, None)
-            self.outputs.pop(name, None)
             if key is not None and key not in self.input_key.values():
                 self.hessians.pop(key, None)
                 self.sequences.pop(key, None)
@@ -241,20 +247,6 @@ class SparseGPT(PruningMethod):
             self.hessians[key].add(inputs)
             self.sequences[key] += inputs.shape[0] if inputs.dim() > 2 else 1
         self.input_key[name] = key
-        y = outputs.detach().reshape(-1, outputs.shape[-1]).float()
-        stats = self.outputs.setdefault(name, [0.0, 0.0, 0])
-        stats[0] = stats[0] + (y * y).sum()  # stays on the device: no sync per micro-batch for a report figure
-        stats[1] = stats[1] + y.sum(dim=0)
-        stats[2] += y.shape[0]
-
-    def _output_energy(self, name: str, bias: torch.Tensor | None) -> float:
-        """sum over tokens of ||W x||^2, the bias taken out of the recorded outputs y = W x + b."""
-        squares, sums, tokens = self.outputs.pop(name)
-        squares = float(squares)  # one device sync per linear, at prune time
-        if bias is None:
-            return squares
-        b = bias.float()
-        return squares - 2 * float(b @ sums) + tokens * float(b @ b)
 
     @torch.no_grad()
     def prune(self, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
@@ -268,18 +260,20 @@ class SparseGPT(PruningMethod):
         with no_tf32():
             for key, names in by_key.items():
                 dead = self.hessians[key].diagonal() == 0  # inputs always zero: their weights are zeroed
-                results.update(self._prune_sharing(key, dead, {m: linears[m] for m in names},
-                                                   self.sequences[key], sparsity))
+                results.update(self._prune_sharing(key, dead, {m: linears[m] for m in names}, sparsity))
         return results
 
-    def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix], sequences: int,
+    def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix],
                        sparsity: float) -> dict[str, dict]:
         """Prune the matrices that read input `key`, given its normalised Hessian (popped here, so the
         factorisation holds the only reference and can free it early)."""
-        upper, damping, retries = inverse_cholesky(self.take_hessian(key, dead), self.config.percdamp)
+        held = [self.take_hessian(key, dead)]
+        energies = {name: output_energy(linear.weight, held[0], dead) for name, linear in linears.items()}
+        # The factorisation is handed the only reference to H, so that it can free H early.
+        upper, damping, retries = inverse_cholesky(held.pop(), self.config.percdamp)
         if retries:
             log.warning("%s: Hessian needed damping %.3g (%d retries)", ", ".join(linears), damping, retries)
-        return {name: self._prune_linear(name, linear, upper, dead, damping, retries, sequences, sparsity)
+        return {name: self._prune_linear(linear, upper, dead, damping, retries, energies[name], sparsity)
                 for name, linear in linears.items()}
 
     def take_hessian(self, key: str, dead: torch.Tensor) -> torch.Tensor:
@@ -290,7 +284,7 @@ class SparseGPT(PruningMethod):
         hessian[dead, dead] = 1
         return hessian
 
-    def _prune_linear(self, name, linear, upper, dead, damping, retries, n, sparsity) -> dict:
+    def _prune_linear(self, linear, upper, dead, damping, retries, energy, sparsity) -> dict:
         start = time.perf_counter()
         original = linear.weight
         pruned, errors = prune_with_obs(original.float(), upper, dead, sparsity,
@@ -304,7 +298,6 @@ class SparseGPT(PruningMethod):
             change += float((d * d).sum())
             dead_change += float((d[:, dead] ** 2).sum())
         added_error = float(errors.sum()) - damping * change - dead_change
-        energy = self._output_energy(name, linear.bias) * 2 / n
         linear.weight.copy_(pruned.to(linear.weight.dtype))
         if linear.weight.device.type == "cuda":
             torch.cuda.synchronize(linear.weight.device)

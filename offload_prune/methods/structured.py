@@ -24,6 +24,7 @@ class StructuredNeurons(PruningMethod):
         self.needs_calibration = scorer.needs_calibration or self.refit
         self.calibration_passes = scorer.calibration_passes
         self.weights_by_router = scorer.weights_by_router
+        self.reads_outputs = scorer.reads_outputs  # the moments read inputs only
         self.options = (*scorer.options, "shrink", "neuron_refit", "prune_heads")
         self.outputs: dict[str, Matrix] = {}
         self.moments: dict[str, InputMoments] = {}

@@ -107,6 +107,8 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     store = config.offload_activations
     if store not in ("ram", "disk", "device"):
         raise ValueError("plan an activation store that is resolved (resolve_activation_store)")
+    if config.micro_batch_size == "auto":
+        raise ValueError("plan a micro-batch size that is resolved (resolve_micro_batch)")
     block_numel = sum(p.numel() for p in block.parameters())
     matrices = find_matrices(block)
     describe(block, matrices)
@@ -260,6 +262,13 @@ def device_free_bytes(device: torch.device) -> int | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.mem_get_info(device)[0]
+
+
+def device_total_bytes(device: torch.device) -> int | None:
+    """The total memory of the GPU a run computes on; None on the CPU or where no GPU is present."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 def check_budget(plan: dict, config: PruneConfig) -> None:

@@ -33,8 +33,9 @@ from ..evaluation.perplexity import evaluation_windows
 from ..methods import PruningMethod, build_method
 from ..model.lm_head import LmHead
 from ..model.skeleton import StreamedModel
-from ..plan.memory import (check_budget, compute_dtype, device_free_bytes, memory_plan, per_rank,
-                           resolve_activation_store, stored_dtype)
+from ..plan.memory import (check_budget, compute_dtype, device_free_bytes, device_total_bytes, memory_plan,
+                           per_rank, resolve_activation_store, stored_dtype)
+from ..plan.micro_batch import resolve_micro_batch
 from ..runtime.activations import ActivationStore
 from ..runtime.distributed import Ranks
 from ..runtime.hostmem import collector_sees_only_new_objects, keep_large_allocations_mmapped
@@ -120,11 +121,16 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
     process_bytes = current_host_rss_bytes()
     asked = config.offload_activations
     own_windows = ranks.windows(len(windows))
-    config, plan = resolve_activation_store(config, lambda options: memory_plan(
-        per_rank(options, ranks), reader.config, device.type, text_size,
-        len(evaluation) if evaluation is not None else 0, process_bytes=process_bytes,
-        shard_dtypes=reader.dtypes.values()),
-        device_free_bytes(device))
+    def plan_for(options: PruneConfig) -> dict:
+        return memory_plan(per_rank(options, ranks), reader.config, device.type, text_size,
+                           len(evaluation) if evaluation is not None else 0, process_bytes=process_bytes,
+                           shard_dtypes=reader.dtypes.values())
+
+    asked_micro_batch = config.micro_batch_size
+    config = resolve_micro_batch(config, plan_for, len(windows[own_windows]), device.type, device_total_bytes(device))
+    config, plan = resolve_activation_store(config, plan_for, device_free_bytes(device))
+    if asked_micro_batch == "auto" and device.type != "cpu" and not config.quiet:
+        print(f"--micro-batch-size auto: {config.micro_batch_size}", file=sys.stderr)
     if asked == "auto" and not config.quiet:
         print(f"--offload-activations auto: {config.offload_activations} (device plan "
               f"{plan['device']['peak'] / 2**30:.2f} GiB, host plan {plan['host']['peak'] / 2**30:.2f} GiB)",
