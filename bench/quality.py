@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -36,9 +37,24 @@ PRESETS = {
                     nsamples=16, seqlen=512, eval_seqlen=2048, eval_max_windows=8),
 }
 METHODS = ["magnitude", "wanda", "sparsegpt", "admm", "ria", "neuronrank_old", "neuronrank_tfidf", "hybrid"]
-SETTINGS = {"50%": {"sparsity_ratio": 0.5}, "60%": {"sparsity_ratio": 0.6}, "70%": {"sparsity_ratio": 0.7},
+SETTINGS = {"0%": {"sparsity_ratio": 0.0}, "50%": {"sparsity_ratio": 0.5}, "60%": {"sparsity_ratio": 0.6}, "70%": {"sparsity_ratio": 0.7},
             "2:4": {"sparsity_type": "2:4"}}
 TIMED_PHASES = ("calibration", "owl", "capture", "prune", "write")
+
+
+def parse_options(items: list[str]) -> dict:
+    """key=value PruneConfig options from a bench row, numbers parsed."""
+    options = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return options
 
 
 class Bench:
@@ -108,6 +124,31 @@ class Bench:
                 "peak_rss_bytes": max(report["phase_peaks"][phase]["host"] for phase in phases),
                 "sparsity": report["totals"]["all"]["sparsity"],
                 "ratios": report["layer_sparsity"]["ratios"]}
+
+
+def open_row_table(description: str, default_rows: list[str], table: str) -> tuple[argparse.Namespace, "Bench", Path, dict]:
+    """A row bench's command line (--preset, --rows, --out), its table opened and the dense perplexity printed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="stories260k")
+    parser.add_argument("--rows", nargs="+", default=default_rows)
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    args = parser.parse_args()
+    bench, path, results = open_table(args.preset, args.out, table)
+    print(f"dense perplexity {results['dense']:.3f}\n")
+    return args, bench, path, results
+
+
+def table_runs(bench: "Bench", rows: list[str], results: dict, path: Path, run_row) -> Iterator[dict]:
+    """Each row's run, from `results` when it is there, else made by `run_row(bench, row)` and saved to
+    `path` at once (an interrupted table keeps what it measured)."""
+    done = {r["row"]: r for r in results["runs"]}
+    for row in rows:
+        run = done.get(row)
+        if run is None:
+            run = run_row(bench, row)
+            results["runs"].append(run)
+            path.write_text(json.dumps(results, indent=1))
+        yield run
 
 
 def open_table(preset: str, out: Path, table: str) -> tuple[Bench, Path, dict]:

@@ -12,12 +12,10 @@ after every run; rows already there are not run again.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from quality import PRESETS, SETTINGS, Bench, open_table
+from quality import SETTINGS, Bench, open_row_table, parse_options, table_runs
 
 # bench/structured.py's shrink settings: a quarter of the MLP neurons, and a third of the key/value groups.
 STRUCTURED = {"mlp25": {"sparsity_type": "structured", "sparsity_ratio": 0.25, "shrink": True},
@@ -33,17 +31,7 @@ DEFAULT_ROWS = [
 
 def parse_row(row: str) -> tuple[str, dict]:
     method, setting, mode, *extra = row.split("/")
-    options = {**(SETTINGS.get(setting) or STRUCTURED[setting]), "reconstruct": mode}
-    for item in extra:
-        key, value = item.split("=", 1)
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                pass
-        options[key] = value
-    return method, options
+    return method, {**(SETTINGS.get(setting) or STRUCTURED[setting]), "reconstruct": mode, **parse_options(extra)}
 
 
 def run_row(bench: Bench, row: str) -> dict:
@@ -62,25 +50,13 @@ def run_row(bench: Bench, row: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="stories260k")
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
-    parser.add_argument("--out", type=Path, default=Path("out"))
-    args = parser.parse_args()
-    bench, path, results = open_table(args.preset, args.out, "reconstruction")
-    print(f"dense perplexity {results['dense']:.3f}\n")
+    args, bench, path, results = open_row_table(__doc__, DEFAULT_ROWS, "reconstruction")
     print("| row | perplexity | prune phase | of which reconstruction | peak RSS (plan) | blocks kept | "
           "block error ratio (median) |")
     print("|---|---|---|---|---|---|---|", flush=True)
-    done = {r["row"]: r for r in results["runs"]}
-    for row in args.rows:
-        run = done.get(row)
-        if run is None:
-            run = run_row(bench, row)
-            results["runs"].append(run)
-            path.write_text(json.dumps(results, indent=1))
+    for run in table_runs(bench, args.rows, results, path, run_row):
         ratio = f"{run['recon_median_error_ratio']:.3f}" if run["recon_median_error_ratio"] is not None else "-"
-        print(f"| {row} | {run['ppl']:.3f} | {run['prune_seconds']:.0f} s | {run['recon_seconds']:.0f} s | "
+        print(f"| {run['row']} | {run['ppl']:.3f} | {run['prune_seconds']:.0f} s | {run['recon_seconds']:.0f} s | "
               f"{run['peak_rss_bytes'] / 2**30:.2f} GiB ({run['planned_prune_host_bytes'] / 2**30:.2f}) | "
               f"{run['recon_kept']}/{run['recon_blocks']} | {ratio} |", flush=True)
 

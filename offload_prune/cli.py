@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import (ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, RECON_OPTIMIZERS, RECON_TARGETS,
-                     RECONSTRUCT_MODES, OffloadPruneError, PruneConfig, parse_bytes)
+from .config import (ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, QUANT_METHODS, QUANT_SCHEMES,
+                     RECON_OPTIMIZERS, RECON_TARGETS, RECONSTRUCT_MODES, OffloadPruneError, PruneConfig, parse_bytes)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +88,27 @@ def prune_parser() -> argparse.ArgumentParser:
     _neuronrank_flags(parser)
     _sparsegpt_and_budget_flags(parser)
     _reconstruction_flags(parser)
+    _quantization_flags(parser)
     return parser
+
+
+def _quantization_flags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "quantize", default="off", choices=list(QUANT_SCHEMES),
+          help="after the mask, quantize each block's weights to 4 or 8-bit integers (16-bit activations) and "
+               "write compressed-tensors' pack-quantized checkpoint, which transformers and vLLM load "
+               "(needs the quant extra: pip install 'offload-prune[quant]'); default off")
+    _flag(parser, "quant-method", default="gptq", choices=QUANT_METHODS,
+          help="gptq (default: column by column with error feedback through the layer Hessian) or rtn (round "
+               "to nearest)")
+    _flag(parser, "quant-group-size", type=int, default=128,
+          help="input columns sharing one scale (default 128); -1: one scale per output channel")
+    _flag(parser, "quant-asym", action="store_true", help="asymmetric: a zero point per group (default symmetric)")
+    _flag(parser, "quant-act-order", default=None, choices=("on", "off"),
+          help="GPTQ quantizes columns by decreasing Hessian diagonal (activation order; scales stay per group): "
+               "on by default with GPTQ, where it measured better")
+    _flag(parser, "quant-joint", action="store_true",
+          help="with --prune_method sparsegpt: prune and quantize in SparseGPT's one sweep over the columns, "
+               "instead of GPTQ after the mask")
 
 
 def _reconstruction_flags(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +196,8 @@ def _options(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
     args = vars(parser.parse_args(argv))
     args["neuron_refit"] = args["neuron_refit"] == "on"
     args["overlap_io"] = args["overlap_io"] == "on"
+    if args.get("quant_act_order") is not None:
+        args["quant_act_order"] = args["quant_act_order"] == "on"
     return args
 
 

@@ -21,6 +21,9 @@ HESSIAN_DTYPES = ("float32", "float64")
 RECONSTRUCT_MODES = ("off", "block", "sublayer")
 RECON_TARGETS = ("dense-block", "dense-stream")
 RECON_OPTIMIZERS = ("adam", "sgd")
+#: --quantize schemes: integer weights of this many bits, 16-bit activations (what vLLM serves).
+QUANT_SCHEMES = {"off": 0, "w4a16": 4, "w8a16": 8}
+QUANT_METHODS = ("gptq", "rtn")
 
 
 @dataclass
@@ -108,6 +111,15 @@ class PruneConfig:
     recon_lr: float = 1e-3
     recon_optimizer: str = "adam"
     recon_norms: bool = False  # train biases and norm weights too
+    # Quantization after the mask (quantize/), written as compressed-tensors' pack-quantized checkpoint.
+    quantize: str = "off"
+    quant_method: str = "gptq"
+    quant_group_size: int = 128  # input columns sharing a scale; -1: one scale per output channel
+    quant_asym: bool = False  # a zero point per group (min/max) instead of symmetric scales
+    # GPTQ quantizes columns by decreasing Hessian diagonal; None: on for GPTQ after the mask (measured better on
+    # SmolLM2, docs/benchmarks.md), off where there is no such order (RTN, SparseGPT's joint sweep).
+    quant_act_order: bool | None = None
+    quant_joint: bool = False  # SparseGPT prunes and quantizes in one sweep instead of GPTQ after the mask
     # Budgets checked against the memory plan before any weight is read (bytes; None = no limit).
     max_device_memory: int | None = None
     max_host_memory: int | None = None
@@ -174,6 +186,7 @@ class PruneConfig:
         self._validate_layer_sparsity()
         self._validate_block_removal()
         self._validate_reconstruction()
+        self._validate_quantization()
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise OffloadPruneError(f"--hessian-dtype must be one of {HESSIAN_DTYPES}, got {self.hessian_dtype}")
         if self.percdamp < 0:
@@ -250,6 +263,36 @@ class PruneConfig:
             raise OffloadPruneError("--reconstruct trains the weights a mask kept; --prune_method shortgpt removes "
                                     "whole blocks and keeps every weight of the others")
 
+    def _validate_quantization(self) -> None:
+        if self.quantize not in QUANT_SCHEMES:
+            raise OffloadPruneError(f"--quantize must be one of {', '.join(QUANT_SCHEMES)}, got {self.quantize!r}")
+        if self.quant_method not in QUANT_METHODS:
+            raise OffloadPruneError(f"--quant-method must be one of {', '.join(QUANT_METHODS)}, got {self.quant_method!r}")
+        if self.quant_group_size != -1 and self.quant_group_size < 1:
+            raise OffloadPruneError(f"--quant-group-size must be -1 (per output channel) or >= 1, "
+                                    f"got {self.quant_group_size}")
+        if self.quant_act_order is None:
+            self.quant_act_order = self.quantize != "off" and self.quant_method == "gptq" and not self.quant_joint
+        if self.quant_act_order and self.quant_method != "gptq":
+            raise OffloadPruneError("--quant-act-order is GPTQ's column order; --quant-method rtn has none")
+        if self.quant_joint:
+            if self.quantize == "off" or self.prune_method != "sparsegpt":
+                raise OffloadPruneError("--quant-joint is SparseGPT's sweep pruning and quantizing at once: it goes "
+                                        "with --prune_method sparsegpt and --quantize")
+            if self.quant_act_order:
+                raise OffloadPruneError("--quant-joint sweeps the columns in SparseGPT's order; --quant-act-order "
+                                        "is GPTQ's")
+            if self.quant_group_size != -1 and self.blocksize % self.quant_group_size:
+                raise OffloadPruneError(f"--quant-joint needs --blocksize ({self.blocksize}) to be a multiple of "
+                                        f"--quant-group-size ({self.quant_group_size})")
+        if self.quantize != "off" and self.prune_method == "shortgpt":
+            raise OffloadPruneError("--quantize goes with a method that prunes weights; --prune_method shortgpt "
+                                    "copies the blocks it keeps")
+
+    @property
+    def quant_bits(self) -> int:
+        return QUANT_SCHEMES[self.quantize]
+
     def _validate_block_removal(self) -> None:
         if self.prune_method != "shortgpt":
             if self.remove_layers is not None or self.target_params is not None or self.angular:
@@ -293,6 +336,8 @@ class PruneConfig:
         if self.reconstruct != "off":
             names += ["reconstruct", "recon_target", "recon_steps", "recon_batch", "recon_lr", "recon_optimizer",
                       "recon_norms"]
+        if self.quantize != "off":
+            names += ["quantize", "quant_method", "quant_group_size", "quant_asym", "quant_act_order", "quant_joint"]
         if self.nm is None:  # N:M fixes the ratio itself
             names.insert(1, "sparsity_ratio")
         return {name: getattr(self, name) for name in names}

@@ -43,6 +43,7 @@ def test_block_weights_and_activation_cache_match_the_plan(tiny_llama, tmp_path)
     (["--prune_method", "shortgpt", "--remove-layers", 1], ["influence", "copy"]),
     (["--prune_method", "wanda", "--sparsity_type", "structured", "--shrink", "--prune-heads", 0.5], ["prune"]),
     (["--prune_method", "wanda", "--reconstruct", "block", "--recon-steps", 2, "--recon-batch", 2], ["prune"]),
+    (["--prune_method", "wanda", "--quantize", "w4a16", "--quant-group-size", 64], ["prune"]),
     (["--prune_method", "wanda", "--reconstruct", "sublayer", "--recon-target", "dense-stream", "--recon-steps", 2,
       "--recon-batch", 2], ["prune"]),
 ])

@@ -124,18 +124,28 @@ def test_shortgpt_killed_at_every_step_then_resumed_is_identical(resume_model, p
     assert not failures, "\n".join(failures)
 
 
+def swept_identical(worker, args, tmp_path, label: str, pick=lambda steps: steps) -> list:
+    """An uninterrupted run of `args(save)`, then a fresh run killed at each logged step (those `pick`
+    keeps; None skips one) and resumed: every output must equal the uninterrupted one. Returns the steps."""
+    code, printed = worker.run(*args(tmp_path / "uninterrupted"))
+    assert code == 0, printed
+    expected = folder_digests(tmp_path / "uninterrupted")
+    steps = worker.steps(*args(tmp_path / "logged"))
+    chosen = pick(steps)
+    failures = sweep_kills(worker, args, chosen, expected, tmp_path)
+    swept = sum(step is not None for step in chosen)
+    print(f"{label}: {swept} kill points swept, {swept - len(failures)} identical")
+    assert not failures, "\n".join(failures)
+    return steps
+
+
 def test_shrink_killed_every_few_steps_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
     """Removed neurons and attention heads change the shapes written, the index's total and
     config.json; a resumed run still writes the same files."""
     args = lambda save: prune_args(resume_model, save, "--sparsity_type", "structured", "--shrink",  # noqa: E731
                                    "--prune-heads", 0.5)
-    code, printed = worker.run(*args(tmp_path / "uninterrupted"))
-    assert code == 0, printed
-    expected = folder_digests(tmp_path / "uninterrupted")
-    steps = worker.steps(*args(tmp_path / "logged"))
-    every_fifth = [step if k % 5 == 0 or k >= len(steps) - 12 else None for k, step in enumerate(steps)]
-    failures = sweep_kills(worker, args, every_fifth, expected, tmp_path)
-    assert not failures, "\n".join(failures)
+    swept_identical(worker, args, tmp_path, "shrink", lambda steps: [
+        step if k % 5 == 0 or k >= len(steps) - 12 else None for k, step in enumerate(steps)])
 
 
 def test_reconstruction_killed_at_every_step_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
@@ -143,14 +153,19 @@ def test_reconstruction_killed_at_every_step_then_resumed_is_identical(resume_mo
     cache committed beside the pruned stream's, resume to the same bytes from any step."""
     args = lambda save: prune_args(resume_model, save, "--reconstruct", "block", "--recon-target",  # noqa: E731
                                    "dense-stream", "--recon-steps", 4)
-    code, printed = worker.run(*args(tmp_path / "uninterrupted"))
-    assert code == 0, printed
-    expected = folder_digests(tmp_path / "uninterrupted")
-    steps = worker.steps(*args(tmp_path / "logged"))
+    steps = swept_identical(worker, args, tmp_path, "reconstruction")
     assert any("acts_00002.dense.bin" in step for step in steps)
-    failures = sweep_kills(worker, args, steps, expected, tmp_path)
-    print(f"reconstruction: {len(steps)} kill points swept, {len(steps) - len(failures)} identical")
-    assert not failures, "\n".join(failures)
+
+
+def test_quantized_run_killed_at_every_step_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
+    """--quantize: the packed blocks (their own tensor names and sizes in the layout) and config.json's
+    quantization_config resume to the same bytes from every third step and each of the last twelve (the
+    head, index and config.json)."""
+    pytest.importorskip("compressed_tensors")
+    args = lambda save: prune_args(resume_model, save, "--quantize", "w4a16", "--quant-group-size", 32)  # noqa: E731
+    swept_identical(worker, args, tmp_path, "quantized", lambda steps: [  # every third, and all of the last ones
+        step if k % 3 == 0 or k >= len(steps) - 12 else None for k, step in enumerate(steps)])
+    assert ".weight_packed" in (tmp_path / "uninterrupted" / "model.safetensors.index.json").read_text()
 
 
 def test_double_kill_then_resume_is_identical(resume_model, prune_args, worker, uninterrupted, tmp_path):

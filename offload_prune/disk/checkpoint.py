@@ -18,6 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from ..config import OffloadPruneError
 from . import durable
+from .compressed import PACKED, PackedWeights, quantization_config
 from .durable import FileRecord
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -66,6 +67,19 @@ class CheckpointReader:
         self.spans: dict[str, tuple[int, int]] = {}
         self._headers: dict[str, bytes] = {}  # each shard's JSON header, as read once here (for `identity`)
         self._check_shards()
+        # What is stored; weight_map, shapes and dtypes say what the modules load, which differs only for
+        # a quantized checkpoint (its packed parts stand for one dense weight each).
+        self.stored_map = dict(self.weight_map)
+        quantized = quantization_config(self.config)
+        self.packed = PackedWeights(quantized, self.shapes, self._read_stored) if quantized else None
+        if self.packed:
+            for name, parts in self.packed.parts.items():
+                stored = list(parts.values())
+                self.weight_map[name] = self.weight_map[parts[PACKED]]
+                self.shapes[name] = self.packed.shapes[name]
+                self.dtypes[name] = self.dtypes[parts["weight_scale"]]
+                for part in stored:
+                    del self.weight_map[part], self.shapes[part], self.dtypes[part]
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.folder / INDEX_NAME
@@ -108,7 +122,7 @@ class CheckpointReader:
                     self.spans[name] = (data_start + begin, data_start + end)
 
     def shard_files(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
+        return sorted(set(self.stored_map.values()))
 
     def max_shard_bytes(self) -> int:
         return max((self.folder / shard).stat().st_size for shard in self.shard_files())
@@ -126,8 +140,13 @@ class CheckpointReader:
         used (converted on load), on whichever thread that is. So their bytes are asked of the disk here
         (posix_fadvise WILLNEED: the kernel reads them into the page cache in the background); on the
         read-ahead thread, the next block comes off the disk while the main thread computes."""
+        if self.packed:
+            return self.packed.dense(self._read_stored(self.packed.stored_names(names)), names)
+        return self._read_stored(names)
+
+    def _read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for shard, shard_names in _by_shard({n: self.weight_map[n] for n in names}).items():
+        for shard, shard_names in _by_shard({n: self.stored_map[n] for n in names}).items():
             self._ask_disk(shard, shard_names)
             with self._open(shard) as handle:
                 for name in shard_names:

@@ -115,6 +115,9 @@ class ADMM(SparseGPT):
         """Four float32 copies of W in the iterations (V, V + U, U, G V0), the mask, a chunk of scores."""
         return matrix.weight.numel() * (4 * 4 + 1) + chunk_workspace_bytes(matrix.weight.numel(), device_type)
 
+    def round_while_pruning(self, make_rounder) -> bool:
+        return False  # the mask and weights come from the iterations, not a column sweep
+
     def _prune_sharing(self, key: str, dead: torch.Tensor, linears: dict[str, Matrix],
                        sparsity: float) -> dict[str, dict]:
         config = self.config

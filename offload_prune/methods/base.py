@@ -65,6 +65,12 @@ class PruningMethod:
         changing each other); the units are dealt out among the ranks. One unit by default."""
         return [list(names)]
 
+    def round_while_pruning(self, make_rounder) -> bool:
+        """--quant-joint: a method whose prune sweeps the columns (SparseGPT) quantizes the kept weights in
+        the same sweep, `make_rounder(name, matrix)` giving each matrix's column rounder; it then keeps
+        each rounder in `self.rounded` (name: rounder). False: this method has no such sweep."""
+        return False
+
     def rule(self, name: str) -> str:
         """What pruned module `name`, for the report."""
         return type(self).__name__.lower()

@@ -77,8 +77,11 @@ def output_energy(weight: torch.Tensor, hessian: torch.Tensor, dead: torch.Tenso
 
 @torch.no_grad()
 def prune_with_obs(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor, sparsity: float,
-                   nm: tuple[int, int] | None, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune a float32 weight given the factor U; returns (pruned weight, squared errors per row)."""
+                   nm: tuple[int, int] | None, blocksize: int, rounder=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune a float32 weight given the factor U; returns (pruned weight, squared errors per row). With a
+    `rounder(block, kept, j, column)`, each kept weight is also put on the quantization grid as its column
+    is reached (the SparseGPT paper's joint sparsification and quantization): the rounding error is fed
+    back through the same update as the pruning error."""
     w = weight.clone()
     w[:, dead] = 0
     rows, cols = w.shape
@@ -98,7 +101,7 @@ def prune_with_obs(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor
                 group = slice(j, j + nm[1])
                 mask[:, group] = lowest_k(block[:, group] ** 2 / u_diag[None, group] ** 2, nm[0])
             column = block[:, j]
-            kept = column.masked_fill(mask[:, j], 0)
+            kept = column.masked_fill(mask[:, j], 0) if rounder is None else rounder(block, ~mask, j, start + j)
             err = (column - kept) / u_diag[j]
             block[:, j:] -= err[:, None] * u[j, j:][None, :]
             block[:, j] = kept  # exact zeros, not the rounding residue of the update
@@ -122,6 +125,8 @@ class SparseGPT(PruningMethod):
         self.sequences: dict[str, int] = {}             # input key -> calibration sequences seen
         self.input_key: dict[str, str] = {}             # linear -> input key
         self._last: tuple[torch.Tensor, str] | None = None
+        self._make_rounder = None  # --quant-joint: quantize in the pruning sweep
+        self.rounded: dict[str, object] = {}  # linear -> its rounder, once pruned and quantized
 
     def groups(self, linears: dict[str, Matrix]) -> list[list[str]]:
         """All matrices together, or with --true-sequential one stage at a time in the order the block
@@ -163,6 +168,10 @@ class SparseGPT(PruningMethod):
         for name, m in linears.items():
             inputs.setdefault(name if m.expert is not None else ("stage", m.stage), []).append(m)
         return list(inputs.values())
+
+    def round_while_pruning(self, make_rounder) -> bool:
+        self._make_rounder = make_rounder
+        return True
 
     def solve_units(self, names: list[str]) -> list[list[str]]:
         """Matrices sharing a Hessian are solved on one rank: one factorisation serves them all."""
@@ -273,7 +282,7 @@ class SparseGPT(PruningMethod):
         upper, damping, retries = inverse_cholesky(held.pop(), self.config.percdamp)
         if retries:
             log.warning("%s: Hessian needed damping %.3g (%d retries)", ", ".join(linears), damping, retries)
-        return {name: self._prune_linear(linear, upper, dead, damping, retries, energies[name], sparsity)
+        return {name: self._prune_linear(name, linear, upper, dead, damping, retries, energies[name], sparsity)
                 for name, linear in linears.items()}
 
     def take_hessian(self, key: str, dead: torch.Tensor) -> torch.Tensor:
@@ -284,11 +293,14 @@ class SparseGPT(PruningMethod):
         hessian[dead, dead] = 1
         return hessian
 
-    def _prune_linear(self, linear, upper, dead, damping, retries, energy, sparsity) -> dict:
+    def _prune_linear(self, name, linear, upper, dead, damping, retries, energy, sparsity) -> dict:
         start = time.perf_counter()
         original = linear.weight
+        rounder = self._make_rounder(name, linear) if self._make_rounder else None
         pruned, errors = prune_with_obs(original.float(), upper, dead, sparsity,
-                                        self.config.nm, self.config.blocksize)
+                                        self.config.nm, self.config.blocksize, rounder)
+        if rounder is not None:
+            self.rounded[name] = rounder
         # ||Err||^2 = tr(dW (H' + damping I) dW^T), H' = H with 1 on dead diagonals: take both back out.
         # Chunks of ~4M weights keep the difference from costing weight-sized temporaries.
         change, dead_change = 0.0, 0.0

@@ -37,6 +37,8 @@ from ..methods import build_method
 from ..model.matrices import describe, find_matrices
 from ..model.selection import selected_matrices
 from ..model.skeleton import build_skeleton
+from ..quantize.checkpoint import quantized_matrices
+from ..quantize.memory import quantization_bytes
 from ..reconstruct import reconstruction_bytes
 from ..runtime.activations import STAGING_BYTES, pinned_bytes
 from ..runtime.distributed import Ranks
@@ -178,6 +180,10 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         for recon in reconstruction_bytes(config, block, matrices, compute, RECON_BACKWARD_FACTOR * micro_batch_bytes(
                 config, model_config, 4), micro_batch):
             phases["prune"].append(({"block_weights": block_compute, **recon}, {**ahead, **behind}))
+    if config.quantize != "off":
+        phases["prune"].append(({"block_weights": block_compute,
+                                 **quantization_bytes(config, quantized_matrices(matrices), compute, device_type)},
+                                {**ahead, **behind}))
     device_plan, host_plan = {}, {}
     for name, steps in phases.items():
         cached = name in ("capture", "owl", "influence", "prune")

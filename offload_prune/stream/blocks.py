@@ -19,6 +19,7 @@ from ..runtime.hostmem import release_free_memory
 from ..runtime.masks import zero_lowest
 from .owl_pass import measure_outliers
 from .passes import LAYER_KWARGS, Run, advance_inputs, capture, collect
+from .quantization import BlockQuantizer
 from .reconstruction import BlockReconstruction
 from .report import module_stats
 
@@ -40,11 +41,14 @@ def prune_blocks(run: Run, windows: torch.Tensor) -> None:
         inputs = run.store.open(state.completed_blocks)
         reconstruction = (BlockReconstruction(run, run.store.shape, run.store.dtype)
                           if run.config.reconstruct != "off" else None)
+        quantizer = BlockQuantizer(run) if run.config.quantize != "off" else None
+        if quantizer is not None and run.config.quant_joint:
+            run.method.round_while_pruning(quantizer.rounder_for)
         with meter("prune"):
             try:
                 for index in tqdm(range(state.completed_blocks, num_layers), desc="blocks",
                                   disable=run.config.quiet, initial=state.completed_blocks, total=num_layers):
-                    inputs = _prune_block(run, index, layer_kwargs[index], inputs, reconstruction)
+                    inputs = _prune_block(run, index, layer_kwargs[index], inputs, reconstruction, quantizer)
                 run.writer.wait()
             finally:
                 if reconstruction is not None:
@@ -53,20 +57,23 @@ def prune_blocks(run: Run, windows: torch.Tensor) -> None:
 
 
 def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor,
-                 reconstruction: BlockReconstruction | None) -> torch.Tensor:
-    """Load, collect, prune, (reconstruct,) propagate, write and commit block `index`; returns the next
-    block's inputs."""
+                 reconstruction: BlockReconstruction | None, quantizer: BlockQuantizer | None) -> torch.Tensor:
+    """Load, collect, prune, (reconstruct, quantize,) propagate, write and commit block `index`; returns
+    the next block's inputs."""
     config, device = run.config, run.device
     block = run.streamed.load_block(index)
     matrices = find_matrices(block)
     run.described.describe(block, matrices, lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
     chosen = selected_matrices(matrices, index, run.streamed.num_layers, config)
     sparsity = run.block_sparsity(index)
+    if quantizer is not None:
+        quantizer.begin(index)
     if reconstruction is not None:
         reconstruction.before_mask(index, block, layer_kwargs, inputs)
     method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs, sparsity) if chosen else {}
     reconstructed = (reconstruction.after_mask(index, block, matrices, layer_kwargs, inputs)
                      if reconstruction is not None and chosen else None)
+    quantized = quantizer.quantize(index, block, matrices, layer_kwargs, inputs) if quantizer is not None else None
     last = index + 1 == run.streamed.num_layers
     # The previous block's commit is finished before this one's outputs are made: in RAM they overwrite
     # the inputs, which it persists, and its durable steps stay in order before this block's.
@@ -78,7 +85,7 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor,
     dense_inputs = reconstruction.next_inputs(index) if reconstruction is not None else dict
     if run.ranks.lead:  # the other ranks write nothing and report nothing
         _commit_behind(run, index, block, matrices, chosen, method_info, lambda: {**pruned_inputs(), **dense_inputs()},
-                       reconstructed)
+                       reconstructed, quantized)
     run.streamed.unload_block(index)
     # A block's tensors can sit in reference cycles: freed before the next block loads, and the heap's free
     # pages handed back, so they do not add up block after block.
@@ -88,7 +95,7 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor,
 
 def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, Matrix], chosen: dict[str, Matrix],
                    method_info: dict[str, dict], next_inputs: Callable[[], dict[str, durable.FileRecord]],
-                   reconstructed: dict | None) -> None:
+                   reconstructed: dict | None, quantized: tuple[dict, dict] | None) -> None:
     """The pruned block's report entries now; its shards, the next block's inputs and the manifest on the
     writer thread, while the next block loads and collects statistics."""
     config, state = run.config, run.state
@@ -102,6 +109,14 @@ def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, M
     unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
                      for n, w in other_weights(block, matrices).items()})
     tensors = run.streamed.block_tensors(index)
+    if quantized is not None:  # each quantized weight stored as its packed parts
+        parts, quantization = quantized
+        for name, stored in parts.items():
+            source = run.streamed.checkpoint_name(prefix + name + ".weight")
+            del tensors[source]
+            tensors.update({source[:-len("weight")] + part: tensor for part, tensor in stored.items()})
+            entry = modules if prefix + name in modules else unpruned
+            entry[prefix + name] = {**entry[prefix + name], "quantization": quantization[name]}
     reconstruction = ({"reconstruction": {**state.manifest.get("reconstruction", {}), str(index): reconstructed}}
                       if reconstructed is not None else {})
 

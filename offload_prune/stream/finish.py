@@ -61,6 +61,17 @@ def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, d
         report["reconstruction"] = {"mode": config.reconstruct, "target": config.recon_target,
                                     "steps": config.recon_steps, "lr": config.recon_lr,
                                     "blocks": {int(i): entry for i, entry in sorted(blocks.items(), key=lambda kv: int(kv[0]))}}
+    if config.quantize != "off":
+        entries = [m["quantization"] for m in [*state.modules.values(), *state.manifest["unpruned"].values()]
+                   if "quantization" in m]
+        _, bytes_after = run.layout.written_totals(state.save)
+        report["quantization"] = {
+            "scheme": config.quantize, "method": "sparsegpt joint sweep" if config.quant_joint else config.quant_method,
+            "group_size": config.quant_group_size,
+            "symmetric": not config.quant_asym, "act_order": config.quant_act_order, "format": "pack-quantized",
+            "matrices": len(entries), "errors": sorted(e["quantization_error"] for e in entries
+                                                       if "quantization_error" in e),
+            "bytes_before": sum(run.reader.nbytes(name) for name in run.reader.weight_map), "bytes_after": bytes_after}
     if evaluation is not None:
         options = dict(micro_batch_size=config.micro_batch_size,
                        on_disk=config.offload_activations == "disk", quiet=config.quiet)

@@ -3,19 +3,28 @@ blocks (copied, or the pruned head), the index, config.json and the tokenizer's 
 from __future__ import annotations
 
 import json
+import math
 
+from torch import nn
+
+from ..config import OffloadPruneError
 from ..disk import durable
 from ..disk.checkpoint import INDEX_NAME, ShardLayout, side_files
 from ..model.lm_head import LmHead
+from ..model.matrices import find_matrices
+from ..quantize.checkpoint import quantization_config, quantized_matrices, stored_layout
+from ..quantize.grid import Grid
 from ..model.skeleton import StreamedModel, build_skeleton
 from ..surgery.block_removal import check_blocks_expressed, config_without_blocks, renumbered
 from .passes import Run
 from .report import module_stats
 
 
-def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] | None = None) -> ShardLayout:
+def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] | None = None,
+                  grid: Grid | None = None) -> ShardLayout:
     """Unit 0: the tensors outside the blocks; unit 1 + j: output block j (input block kept[j], all by
-    default), under its new number."""
+    default), under its new number; with a quantization `grid`, each block's Linear weights as their
+    packed parts (sized as at most what they will take)."""
     reader = streamed.reader
     nbytes = {n: reader.nbytes(n) for n in streamed.outside_names}
     outside_names = list(streamed.outside_names)
@@ -26,8 +35,34 @@ def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] 
     for new, old in enumerate(range(streamed.num_layers) if kept is None else kept):
         names = {renumbered(n, old, new) if new != old else n: n for n in streamed.block_names(old)}
         nbytes.update({name: reader.nbytes(source) for name, source in names.items()})
+        if grid is not None:
+            for weight, parts in packed_parts(streamed, old, grid).items():
+                del names[weight], nbytes[weight]
+                names.update(dict.fromkeys(parts))
+                nbytes.update(parts)
         units.append(list(names))
     return ShardLayout(units, nbytes, reader.max_shard_bytes())
+
+
+def packed_parts(streamed: StreamedModel, index: int, grid: Grid) -> dict[str, dict[str, int]]:
+    """{checkpoint weight name: {part name: at most its bytes}} of block `index`'s quantized Linears."""
+    prefix = streamed.block_prefix(index)
+    found = {}
+    for name, m in quantized_matrices(find_matrices(streamed.layers[index])).items():
+        grid.check_columns(name, m.in_features)
+        source = streamed.checkpoint_name(prefix + name + ".weight")
+        if source is None:
+            raise OffloadPruneError(f"--quantize: {prefix}{name}.weight is not stored as one tensor of its own")
+        scale_dtype = streamed.reader.dtypes[source]
+        found[source] = {source[:-len("weight")] + part: math.prod(shape) * dtype.itemsize
+                         for part, (shape, dtype) in stored_layout(tuple(m.weight.shape), scale_dtype, grid).items()}
+    return found
+
+
+def linear_layers_outside(streamed: StreamedModel) -> list[str]:
+    """Linear layers outside the blocks (the head): left in 16 bits, named in the quantization config."""
+    return [name for name, module in streamed.model.named_modules()
+            if isinstance(module, nn.Linear) and not name.startswith(streamed.layers_path + ".")]
 
 
 def write_outside(run: Run) -> None:
@@ -44,7 +79,8 @@ def write_outside(run: Run) -> None:
     outputs[INDEX_NAME] = durable.write_text(state.save / INDEX_NAME, run.layout.index_text(total_bytes))
     for path in side_files(reader.folder):
         if path.name == "config.json" and (head and head.name != head.source or run.method.removes_blocks
-                                           or run.config_changes):
+                                           or run.config_changes or run.config.quantize != "off"
+                                           or reader.packed is not None):
             text = json.dumps(output_config(run, state.manifest["removed_blocks"]), indent=2) + "\n"
             outputs[path.name] = durable.write_text(state.save / path.name, text)
         else:
@@ -65,4 +101,7 @@ def output_config(run: Run, removed: list[int] | None) -> dict:
         check_blocks_expressed(run.streamed.layers, new_layers, kept,
                                [k for k in edited if k != "num_hidden_layers" and edited[k] != config.get(k)])
         config = edited
+    config.pop("quantization_config", None)  # a quantized input is read dense, and written dense...
+    if run.config.quantize != "off":  # ...unless the output is quantized
+        config["quantization_config"] = quantization_config(Grid.of(run.config), linear_layers_outside(run.streamed))
     return {**config, **run.config_changes}

@@ -36,6 +36,7 @@ from ..model.skeleton import StreamedModel
 from ..plan.memory import (check_budget, compute_dtype, device_free_bytes, device_total_bytes, memory_plan,
                            per_rank, resolve_activation_store, stored_dtype)
 from ..plan.micro_batch import resolve_micro_batch
+from ..quantize.grid import Grid
 from ..runtime.activations import ActivationStore
 from ..runtime.distributed import Ranks
 from ..runtime.hostmem import collector_sees_only_new_objects, keep_large_allocations_mmapped
@@ -143,7 +144,7 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
     else:
         given_sparsities = ratios_from_file(config.layer_sparsity, streamed.num_layers)
     head = LmHead(streamed) if config.nr_prune_lm_head else None
-    layout = output_layout(streamed, head)
+    layout = output_layout(streamed, head, grid=Grid.of(config) if config.quantize != "off" else None)
     activation_shape = (len(windows), config.seqlen, reader.config.hidden_size)
     activation_bytes = math.prod(activation_shape) * dtype.itemsize
     check_disk_space(config.save, layout, activation_bytes)
@@ -185,6 +186,9 @@ def _check_ranks(ranks: Ranks, method: PruningMethod, config: PruneConfig) -> No
             what = "--sparsity_type structured"
         raise OffloadPruneError(f"{what} does not run across torchrun ranks yet (magnitude, wanda, sparsegpt, "
                                 "admm and ria do, unstructured and N:M); run it in one process")
+    if ranks.world > 1 and config.quant_joint:
+        raise OffloadPruneError("--quant-joint does not run across torchrun ranks yet (GPTQ after the mask does); "
+                                "run it in one process")
 
 
 def _run_state(config: PruneConfig, reader: CheckpointReader, fingerprint: dict, num_layers: int,

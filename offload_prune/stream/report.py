@@ -135,6 +135,8 @@ def format_summary(report: dict) -> str:
                  *_sparsity_summary(report)]
     if report.get("reconstruction"):
         lines.extend(_reconstruction_summary(report["reconstruction"]))
+    if report.get("quantization"):
+        lines.append(_quantization_summary(report["quantization"]))
     for which in ("dense", "pruned"):
         ppl = report.get("perplexity", {}).get(which)
         if ppl:
@@ -218,7 +220,8 @@ def _shortfall(report: dict) -> list[str]:
         reasons.append("each row prunes a whole number of weights, its ratio times its inputs rounded down"
                        + (" (OWL's per-block ratios are not multiples of 1/inputs)" if layers.get("rule") == "owl" else ""))
     if zeros / numel > target:
-        reasons.append("weights that were zero already count as pruned")
+        reasons.append("weights that were zero already count as pruned" +
+                       (", and so do kept weights --quantize rounded to zero" if report.get("quantization") else ""))
     return [f"  reached {zeros / numel:.2%} of the pruned matrices' weights against the {target:.2%} target: "
             + "; ".join(reasons)]
 
@@ -257,3 +260,15 @@ def _reconstruction_summary(reconstruction: dict) -> list[str]:
     if fallbacks:
         lines.append("  reconstruction not kept: " + "; ".join(f"block {i}: {why}" for i, why in fallbacks.items()))
     return lines
+
+
+def _quantization_summary(quantization: dict) -> str:
+    """The scheme, how far the quantized matrices' outputs moved, and the size on disk."""
+    group = "per channel" if quantization["group_size"] == -1 else f"groups of {quantization['group_size']}"
+    how = (f"{quantization['method']}{', activation order' if quantization['act_order'] else ''}, {group}, "
+           f"{'symmetric' if quantization['symmetric'] else 'asymmetric'}")
+    errors = quantization["errors"]
+    moved = f", output error {errors[len(errors) // 2]:.2e} (median)" if errors else ""
+    return (f"  quantized {quantization['scheme']} ({how}): {quantization['matrices']} matrices{moved}; "
+            f"{format_bytes(quantization['bytes_before'])} -> {format_bytes(quantization['bytes_after'])} on disk "
+            f"({quantization['format']})")
