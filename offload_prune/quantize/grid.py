@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import OffloadPruneError, PruneConfig
-
-INSTALL_HINT = "pip install 'offload-prune[quant]'"
+from ..disk.compressed import INSTALL_HINT
 
 
 def compressed_tensors():
