@@ -103,7 +103,7 @@ def main() -> None:
         raise SystemExit(f"no peer venv at {args.peer_venv}: run `python bench/peer.py --setup` first")
     import offload_prune
     from offload_prune.data.calibration import calibration_windows
-    from offload_prune.stream.pipeline import load_tokenizer
+    from offload_prune.model.loading import load_tokenizer
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

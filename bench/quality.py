@@ -62,7 +62,7 @@ class Bench:
 
     def __init__(self, preset_name: str, out: Path, preset: dict | None = None):
         from offload_prune.evaluation.perplexity import evaluation_windows
-        from offload_prune.stream.pipeline import load_tokenizer
+        from offload_prune.model.loading import load_tokenizer
 
         preset = preset or PRESETS[preset_name]
         if not (preset["model"] / "config.json").exists():

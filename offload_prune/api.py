@@ -21,13 +21,14 @@ from .data.calibration import calibration_windows, text_size_of
 from .disk.checkpoint import CheckpointReader
 from .evaluation.perplexity import evaluation_windows
 from .evaluation.perplexity import perplexity as streamed_perplexity
-from .plan.memory import (device_free_bytes, device_total_bytes, load_config_only, memory_plan, per_rank,
+from .plan.memory import (device_free_bytes, device_total_bytes, load_config_only, memory_plan, per_rank, pick_dtype,
                           resolve_activation_store)
 from .plan.micro_batch import resolve_micro_batch
+from .model.loading import load_tokenizer, pick_device
 from .model.skeleton import build_skeleton
 from .runtime.distributed import Ranks
 from .stream import pipeline
-from .stream.report import current_host_rss_bytes
+from .runtime.meter import current_host_rss_bytes
 
 
 def options(model: str | Path, **chosen) -> PruneConfig:
@@ -89,9 +90,9 @@ def perplexity(model: str | Path, eval_data: str | Path, seqlen: int = 2048, max
     block by block: {"model", "ppl", "windows", "seqlen", "seconds"}."""
     options(model, seqlen=seqlen, eval_max_windows=max_windows, micro_batch_size=micro_batch_size, dtype=dtype)
     reader = CheckpointReader(str(model))
-    compute_on = pipeline.pick_device(device)
-    windows = evaluation_windows(str(eval_data), pipeline.load_tokenizer(reader.folder), seqlen, max_windows)
-    result = streamed_perplexity(reader, windows, compute_on, pipeline.pick_dtype(dtype, compute_on, reader),
+    compute_on = pick_device(device)
+    windows = evaluation_windows(str(eval_data), load_tokenizer(reader.folder), seqlen, max_windows)
+    result = streamed_perplexity(reader, windows, compute_on, pick_dtype(dtype, compute_on, reader),
                                  micro_batch_size=micro_batch_size, on_disk=on_disk, quiet=quiet)
     return {"model": str(reader.folder), **result}
 
@@ -114,7 +115,7 @@ def local_tokenizer(model: str):
     if not folder.is_dir():
         return None
     try:
-        return pipeline.load_tokenizer(folder)
+        return load_tokenizer(folder)
     except OffloadPruneError:
         return None
 

@@ -227,7 +227,7 @@ def test_plan_and_run_take_the_stored_dtype_from_the_shards_when_config_json_dis
 
     from offload_prune.disk.checkpoint import CheckpointReader
     from offload_prune.cli import main
-    from offload_prune.stream.pipeline import pick_dtype
+    from offload_prune.plan.memory import pick_dtype
     model = tmp_path / "model"
     shutil.copytree(checkpoint_factory(num_layers=2, hidden=64, intermediate=128, dtype=torch.bfloat16), model)
     settings = json.loads((model / "config.json").read_text())

@@ -127,7 +127,7 @@ def test_gptq_output_reloads_with_the_weights_and_perplexity_the_stream_reads(ti
                 assert ((weight.reshape(-1, 4) != 0).sum(1) <= 2).all(), name
     # The run's streamed perplexity of its output, against transformers on the same windows.
     from offload_prune.evaluation.perplexity import evaluation_windows
-    from offload_prune.stream.pipeline import load_tokenizer
+    from offload_prune.model.loading import load_tokenizer
     windows = evaluation_windows(str(tiny_llama / "demo.txt"), load_tokenizer(save), 32, 4)
     model = AutoModelForCausalLM.from_pretrained(save)
     nll = sum(float(torch.nn.functional.cross_entropy(model(w[None]).logits[0, :-1], w[1:], reduction="sum"))
@@ -159,7 +159,7 @@ def test_asymmetric_output_is_on_its_grid_and_read_back_by_offload_prune(tiny_ll
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(dense, strict=False)
     from offload_prune.evaluation.perplexity import evaluation_windows
-    from offload_prune.stream.pipeline import load_tokenizer
+    from offload_prune.model.loading import load_tokenizer
     windows = evaluation_windows(str(tiny_llama / "demo.txt"), load_tokenizer(save), 32, 2)
     nll = sum(float(torch.nn.functional.cross_entropy(plain(w[None]).logits[0, :-1], w[1:], reduction="sum"))
               for w in windows)

@@ -11,7 +11,7 @@ from offload_prune.config import PruneConfig
 from offload_prune.data.calibration import calibration_windows
 from offload_prune.reconstruct import train as train_module
 from offload_prune.reconstruct.units import trained_parameters, training_units
-from offload_prune.stream.pipeline import load_tokenizer
+from offload_prune.model.loading import load_tokenizer
 
 from conftest import folder_digests, quick_args, read_all_tensors
 from families import build_family

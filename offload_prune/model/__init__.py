@@ -1,6 +1,6 @@
 """The model as the stream sees it: the meta-device skeleton with blocks loaded one at a time
 (skeleton), the weight matrices of a block and their roles (matrices), which matrices a run prunes
-(selection), and the LM head pruned apart (lm_head).
+(selection), the LM head pruned apart (lm_head), and the device and tokenizer a run uses (loading).
 
 Imports: config, disk/ and runtime/.
 """

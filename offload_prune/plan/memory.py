@@ -32,6 +32,7 @@ import psutil
 import torch
 
 from ..config import OffloadPruneError, PruneConfig, format_bytes
+from ..disk.checkpoint import CheckpointReader
 from ..disk.durable import DIRECT_STAGING_BYTES
 from ..methods import build_method
 from ..model.matrices import describe, find_matrices
@@ -83,6 +84,11 @@ def compute_dtype(requested: str, device_type: str, stored: torch.dtype) -> torc
     if requested != "auto":
         return getattr(torch, requested)
     return torch.float32 if device_type == "cpu" else stored
+
+
+def pick_dtype(requested: str, device: torch.device, reader: CheckpointReader) -> torch.dtype:
+    """The compute dtype, chosen as the memory plan chooses it (plan.compute_dtype)."""
+    return compute_dtype(requested, device.type, stored_dtype(reader.config, reader.dtypes.values()))
 
 
 def micro_batch_bytes(config: PruneConfig, model_config, itemsize: int) -> int:

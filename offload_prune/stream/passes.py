@@ -24,7 +24,7 @@ from ..runtime.activations import ActivationStore
 from ..runtime.distributed import Ranks
 from ..runtime.hostmem import release_free_memory
 from ..runtime.overlap import Behind
-from .report import PhaseMeter
+from ..runtime.meter import PhaseMeter
 
 LAYER_KWARGS = "layer_kwargs.pt"
 

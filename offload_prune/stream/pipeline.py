@@ -20,7 +20,6 @@ import sys
 
 import torch
 import transformers
-from transformers import AutoTokenizer
 
 from .. import __version__
 from ..config import OffloadPruneError, PruneConfig
@@ -32,14 +31,16 @@ from ..disk.runstate import FollowerState, RunState, check_output_folder
 from ..evaluation.perplexity import evaluation_windows
 from ..methods import PruningMethod, build_method
 from ..model.lm_head import LmHead
+from ..model.loading import load_tokenizer, pick_device
 from ..model.skeleton import StreamedModel
-from ..plan.memory import (check_budget, compute_dtype, device_free_bytes, device_total_bytes, memory_plan,
-                           per_rank, resolve_activation_store, stored_dtype)
+from ..plan.memory import (check_budget, device_free_bytes, device_total_bytes, memory_plan, pick_dtype,
+                           per_rank, resolve_activation_store)
 from ..plan.micro_batch import resolve_micro_batch
 from ..quantize.grid import Grid
 from ..runtime.activations import ActivationStore
 from ..runtime.distributed import Ranks
 from ..runtime.hostmem import collector_sees_only_new_objects, keep_large_allocations_mmapped
+from ..runtime.meter import PhaseMeter, current_host_rss_bytes
 from ..runtime.overlap import Behind
 from ..surgery.block_removal import check_removal_count
 from ..surgery.heads import heads_setting
@@ -50,21 +51,6 @@ from .finish import REPORT_NAME, evaluate_and_report
 from .output import output_layout, write_outside
 from .passes import Run
 from .removal_pass import remove_blocks
-from .report import PhaseMeter, current_host_rss_bytes
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OffloadPruneError(f"--device {requested}: CUDA is not available here")
-    return device
-
-
-def pick_dtype(requested: str, device: torch.device, reader: CheckpointReader) -> torch.dtype:
-    """The compute dtype, chosen as the memory plan chooses it (plan.compute_dtype)."""
-    return compute_dtype(requested, device.type, stored_dtype(reader.config, reader.dtypes.values()))
 
 
 def check_positions(streamed: StreamedModel, seqlen: int) -> None:
@@ -72,13 +58,6 @@ def check_positions(streamed: StreamedModel, seqlen: int) -> None:
     if limit is not None and seqlen > limit:
         raise OffloadPruneError(f"--seqlen {seqlen} is more than the {limit} positions "
                                 f"{type(streamed.model).__name__} has learned position embeddings for")
-
-
-def load_tokenizer(folder):
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:
-        raise OffloadPruneError(f"{folder}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
 
 
 def prune(config: PruneConfig) -> dict:
