@@ -5,6 +5,7 @@
                                  nsamples=16, seqlen=512, sparsity_ratio=0.5)
     offload_prune.plan("meta-llama/Llama-2-70b-hf", prune_method="sparsegpt", device="cuda")
     offload_prune.perplexity("out/smollm2-wanda", "wikitext2_test.txt", seqlen=512)
+    offload_prune.evaluate_tasks("out/smollm2-wanda", "arc_easy,hellaswag", eval_limit=200)
 
 Options are validated once, as the CLI validates them (`PruneConfig.validate`): a bad one raises
 `OffloadPruneError` with the CLI's one-line message. Paths may be `str` or `Path`.
@@ -21,6 +22,7 @@ from .data.calibration import calibration_windows, text_size_of
 from .disk.checkpoint import CheckpointReader
 from .evaluation.perplexity import evaluation_windows
 from .evaluation.perplexity import perplexity as streamed_perplexity
+from .evaluation.tasks import evaluate_tasks as task_evaluation
 from .plan.memory import (device_free_bytes, device_total_bytes, load_config_only, memory_plan, per_rank, pick_dtype,
                           resolve_activation_store)
 from .plan.micro_batch import resolve_micro_batch
@@ -95,6 +97,15 @@ def perplexity(model: str | Path, eval_data: str | Path, seqlen: int = 2048, max
     result = streamed_perplexity(reader, windows, compute_on, pick_dtype(dtype, compute_on, reader),
                                  micro_batch_size=micro_batch_size, on_disk=on_disk, quiet=quiet)
     return {"model": str(reader.folder), **result}
+
+
+def evaluate_tasks(model: str | Path, eval_tasks: str = "default", **chosen) -> dict:
+    """lm-evaluation-harness tasks on `model`, streamed block by block (needs the eval extra): each task's
+    metrics with their stderr and document count, and each streamed pass's plan, time and peaks. `chosen`:
+    eval_limit, eval_num_fewshot, eval_include_path, eval_work_dir, device, dtype, micro_batch_size,
+    offload_activations (auto, ram or disk), max_host_memory, quiet."""
+    config = options(model, eval_tasks=eval_tasks, **{"quiet": True, "offload_activations": "auto", **chosen})
+    return task_evaluation(config.model, config)
 
 
 def local_shard_dtypes(model: str) -> list[torch.dtype]:

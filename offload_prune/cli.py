@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .basics import OffloadPruneError, parse_bytes
 from .config import (ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, QUANT_METHODS, QUANT_SCHEMES,
-                     RECON_OPTIMIZERS, RECON_TARGETS, RECONSTRUCT_MODES, OffloadPruneError, PruneConfig, parse_bytes)
+                     RECON_OPTIMIZERS, RECON_TARGETS, RECONSTRUCT_MODES, PruneConfig)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +55,23 @@ def _common(parser: argparse.ArgumentParser, stores: tuple[str, ...] = ("ram", "
               if "auto" in stores else ""))
     _flag(parser, "eval-data", default=None, help="text file (or wikitext2) for perplexity")
     _flag(parser, "eval-max-windows", type=int, default=None, help="evaluate at most this many windows")
+    _task_flags(parser)
     _flag(parser, "quiet", action="store_true", help="no progress bars or summary")
+
+
+def _task_flags(parser: argparse.ArgumentParser) -> None:
+    """lm-evaluation-harness tasks, scored by the stream (the eval extra); lm-eval's own spellings accepted."""
+    parser.add_argument("--eval-tasks", "--eval_tasks", "--tasks", dest="eval_tasks", default=None,
+                        help="lm-eval tasks, comma-separated, or default (boolq, rte, hellaswag, winogrande, arc_easy, "
+                             "arc_challenge, openbookqa); needs pip install 'offload-prune[eval]'")
+    parser.add_argument("--eval-limit", "--limit", dest="eval_limit", type=float, default=None,
+                        help="documents per task (below 1: a fraction); for quick checks")
+    parser.add_argument("--eval-num-fewshot", "--num-fewshot", "--num_fewshot", dest="eval_num_fewshot", type=int,
+                        default=None, help="few-shot examples per prompt (default: each task's own)")
+    parser.add_argument("--eval-include-path", "--include-path", "--include_path", dest="eval_include_path",
+                        default=None, help="a folder of local task YAMLs, as lm-eval's --include_path")
+    _flag(parser, "eval-work-dir", default=None,
+          help="where a task evaluation keeps its resumable state and disk cache (default: the temporary folder)")
 
 
 def prune_parser() -> argparse.ArgumentParser:
@@ -227,24 +244,36 @@ def run_plan(argv: list[str]) -> int:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="offload-prune eval",
-                                     description="Perplexity of a model, streamed block by block.")
-    _common(parser)
+    parser = _Parser(prog="offload-prune eval", description=(
+        "Perplexity (--eval-data) and lm-evaluation-harness tasks (--tasks) of a model, streamed block by block."))
+    _common(parser, stores=("auto", "ram", "disk"))
+    _flag(parser, "max-host-memory", type=parse_bytes, default=None,
+          help="refuse to start if the plan of a task evaluation needs more host memory (e.g. 16GiB)")
     _flag(parser, "json", action="store_true", help="print the result as one JSON object")
     return parser
 
 
 def run_eval(argv: list[str]) -> int:
-    from .api import perplexity
+    from .api import evaluate_tasks, perplexity
+    from .evaluation.tasks import format_task_table
 
-    args = eval_parser().parse_args(argv)
-    if not args.eval_data:
-        raise OffloadPruneError("eval needs --eval-data")
-    result = perplexity(args.model, args.eval_data, args.seqlen, args.eval_max_windows, args.device, args.dtype,
-                        args.micro_batch_size, on_disk=args.offload_activations == "disk", quiet=args.quiet)
-    print(json.dumps(result) if args.json else
-          f"{result['model']}: perplexity {result['ppl']:.3f} on {result['windows']} windows of {result['seqlen']} "
-          f"tokens ({result['seconds']:.1f} s)")
+    args = vars(eval_parser().parse_args(argv))
+    as_json = args.pop("json")
+    if not args["eval_data"] and not args["eval_tasks"]:
+        raise OffloadPruneError("eval needs --eval-data (perplexity of a text) or --tasks (lm-eval tasks)")
+    result, lines = {}, []
+    if args["eval_data"]:
+        store = "disk" if args["offload_activations"] == "disk" else "ram"
+        result = perplexity(args["model"], args["eval_data"], args["seqlen"], args["eval_max_windows"], args["device"],
+                            args["dtype"], args["micro_batch_size"], on_disk=store == "disk", quiet=args["quiet"])
+        lines.append(f"{result['model']}: perplexity {result['ppl']:.3f} on {result['windows']} windows of "
+                     f"{result['seqlen']} tokens ({result['seconds']:.1f} s)")
+    if args["eval_tasks"]:
+        model = args.pop("model")
+        tasks = evaluate_tasks(model, **{k: v for k, v in args.items() if k not in ("eval_data", "eval_max_windows")})
+        result = {**result, **tasks}
+        lines += [f"{tasks['model']}: lm-eval tasks ({tasks['seconds']:.1f} s)", *format_task_table({"value": tasks})]
+    print(json.dumps(result, default=str) if as_json else "\n".join(lines))
     return 0
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-
-class OffloadPruneError(Exception):
-    """An error the user can act on; the CLI prints it as one line and exits non-zero."""
+from .basics import OffloadPruneError, parse_bytes, parse_count
 
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "ria", "neuronrank_old", "neuronrank_tfidf", "hybrid",
@@ -24,6 +22,8 @@ RECON_OPTIMIZERS = ("adam", "sgd")
 #: --quantize schemes: integer weights of this many bits, 16-bit activations (what vLLM serves).
 QUANT_SCHEMES = {"off": 0, "w4a16": 4, "w8a16": 8}
 QUANT_METHODS = ("gptq", "rtn")
+#: --eval-tasks default: the zero-shot set of the Wanda and SparseGPT papers.
+DEFAULT_EVAL_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
 @dataclass
@@ -47,6 +47,12 @@ class PruneConfig:
     eval_ppl: bool = False
     eval_data: str | None = None
     eval_max_windows: int | None = None
+    # lm-evaluation-harness tasks, streamed (evaluation/tasks.py): comma-separated names, or "default".
+    eval_tasks: str | None = None
+    eval_limit: float | None = None  # documents per task (below 1: a fraction of them)
+    eval_num_fewshot: int | None = None
+    eval_include_path: str | None = None  # a folder of local task YAMLs, as lm-eval's --include_path
+    eval_work_dir: str | None = None  # the evaluation's resumable state (default: the temporary folder)
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
@@ -204,7 +210,25 @@ class PruneConfig:
             raise OffloadPruneError(f"--dtype must be one of {DTYPES}")
         if self.eval_ppl and not self.eval_data:
             raise OffloadPruneError("--eval-ppl needs --eval-data (a local text file, or wikitext2 with `datasets`)")
+        self._validate_task_evaluation()
         return self
+
+    def _validate_task_evaluation(self) -> None:
+        if self.eval_tasks is not None and not self.task_names:
+            raise OffloadPruneError("--eval-tasks needs task names, comma-separated (or default: "
+                                    f"{','.join(DEFAULT_EVAL_TASKS)})")
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            raise OffloadPruneError(f"--limit must be > 0 (documents per task, or below 1 a fraction), got {self.eval_limit}")
+        if self.eval_num_fewshot is not None and self.eval_num_fewshot < 0:
+            raise OffloadPruneError(f"--num-fewshot must be >= 0, got {self.eval_num_fewshot}")
+        if self.eval_include_path is not None and not Path(self.eval_include_path).expanduser().exists():
+            raise OffloadPruneError(f"--include-path {self.eval_include_path}: no such file or folder")
+
+    @property
+    def task_names(self) -> list[str]:
+        """--eval-tasks as a list, `default` expanded."""
+        names = [name.strip() for name in (self.eval_tasks or "").split(",") if name.strip()]
+        return [n for name in names for n in (DEFAULT_EVAL_TASKS if name == "default" else (name,))]
 
     def replaced(self, **changes) -> "PruneConfig":
         """A copy with these options changed, validated: `dataclasses.replace` alone would leave the
@@ -341,41 +365,6 @@ class PruneConfig:
         if self.nm is None:  # N:M fixes the ratio itself
             names.insert(1, "sparsity_ratio")
         return {name: getattr(self, name) for name in names}
-
-
-def parse_bytes(text: str) -> int:
-    """'20GiB', '512MB', '1.5G', '1000000' -> bytes (K/M/G/T are powers of 1024, as nvidia-smi counts)."""
-    units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
-    try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise OffloadPruneError(f"not a memory size: {text!r} (e.g. 20GiB, 512MiB)") from None
-
-
-def format_bytes(value: int | None) -> str:
-    """Bytes in the largest binary unit that keeps the number at 1 or more: 0.54 GiB as 553 MiB, not 0.00 GiB."""
-    if value is None:
-        return "-"
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value} B"
-
-
-def parse_count(text: str) -> int:
-    """'135M', '1.5B', '7e9', '100000' -> a number of parameters (K/M/B/T are powers of 1000)."""
-    units = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-    cleaned = text.strip().lower()
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned and cleaned[-1] in units else (cleaned, "")
-    try:
-        value = int(float(number) * units[unit])
-    except ValueError:
-        raise OffloadPruneError(f"not a number of parameters: {text!r} (e.g. 100M, 1.5B)") from None
-    if value < 1:
-        raise OffloadPruneError(f"--target-params must be positive, got {text!r}")
-    return value
 
 
 def parse_sparsity_type(text: str) -> tuple[int, int] | None:

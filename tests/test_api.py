@@ -9,7 +9,7 @@ import torch
 
 import offload_prune
 from offload_prune.cli import main
-from offload_prune.config import format_bytes
+from offload_prune.basics import format_bytes
 
 from conftest import run_cli
 

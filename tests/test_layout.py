@@ -4,11 +4,11 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "offload_prune"
-#: Bottom to top. The package root holds the options (config), below everything, and the entry points
-#: (cli, api, demo), above everything.
-LAYERS = ["config", "disk", "runtime", "model", "surgery", "methods", "reconstruct", "quantize", "plan", "data", "evaluation", "stream"]
+#: Bottom to top. The package root holds the error and size helpers (basics) and the options (config), below
+#: everything, and the entry points (cli, api, demo), above everything.
+LAYERS = ["basics", "config", "disk", "runtime", "model", "surgery", "methods", "reconstruct", "quantize", "plan", "data", "evaluation", "stream"]
 ENTRY_POINTS = {"__init__", "__main__", "cli", "api", "demo"}
-BELOW_ANYTHING = {"data": {"config"}}  # may import only these
+BELOW_ANYTHING = {"data": {"basics", "config"}}  # may import only these
 
 
 def room(module: str) -> str:

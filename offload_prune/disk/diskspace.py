@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..config import OffloadPruneError, format_bytes
+from ..basics import OffloadPruneError, format_bytes
 from .checkpoint import ShardLayout
 from .durable import DiskFullError
 

@@ -62,8 +62,9 @@ class RunState:
 
     @classmethod
     def prepare(cls, save: Path, input_folder: Path, fingerprint: dict, num_layers: int, overwrite: bool,
-                resume: bool) -> "RunState":
-        """Lock `save`; start a new run there, or pick up the run it holds if it is the same job."""
+                resume: bool, what: str = "--save") -> "RunState":
+        """Lock `save`; start a new run there, or pick up the run it holds if it is the same job. `what`: how
+        messages name the folder."""
         save = save.expanduser().absolute()
         _refuse_unsafe_output(save, input_folder)
         manifest_path = save / RUN_DIR / MANIFEST
@@ -71,15 +72,15 @@ class RunState:
             raise OffloadPruneError(f"--resume: {save} holds no unfinished run")
         if not save.exists():
             durable.make_dir(save)
-        lock_fd = _lock(save)
+        lock_fd = _lock(save, what)
         try:
             if manifest_path.is_file() and not overwrite:
                 manifest = _read_manifest(manifest_path)
                 if manifest is not None:
                     differences = _differences(manifest["fingerprint"], fingerprint)
                     if differences:
-                        what = "the finished output" if manifest["finished"] else "an unfinished run"
-                        raise OffloadPruneError(f"--save {save} holds {what} of a different job "
+                        held = "the finished output" if manifest["finished"] else "an unfinished run"
+                        raise OffloadPruneError(f"--save {save} holds {held} of a different job "
                                                 f"({'; '.join(differences[:3])}); pass --overwrite to start over")
                     state = cls(save, manifest, lock_fd, num_layers)
                     state._clean_strays()
@@ -199,13 +200,13 @@ def _holds_anything(save: Path) -> bool:
     return False
 
 
-def _lock(save: Path) -> int:
+def _lock(save: Path, what: str = "--save") -> int:
     fd = os.open(save, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OffloadPruneError(f"--save {save} is in use by another offload-prune process; wait for it to "
+        raise OffloadPruneError(f"{what} {save} is in use by another offload-prune process; wait for it to "
                                 "finish (or stop it: a stopped run resumes with the same command)") from None
     return fd
 

@@ -260,22 +260,32 @@ class StreamedModel:
 
     @torch.no_grad()
     def next_token_nll(self, final_hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int) -> float:
-        """Sum over positions of the next-token negative log-likelihood of one window, through the
-        model's own head (final norm, soft-capping, scaling). Logits are made for `chunk` positions at
-        a time (`logits_to_keep`), never for the whole window times the vocabulary."""
+        """Sum over positions of the next-token negative log-likelihood of one window."""
+        targets = input_ids[0, 1:].to(self.device)
+        total = torch.zeros((), device=self.device)  # float32: no float64 on a GPU; one sync per window
+        for positions, logits in self.head_logits(final_hidden, input_ids, torch.arange(targets.numel()), chunk):
+            total += torch.nn.functional.cross_entropy(logits.float(), targets[positions], reduction="sum")
+        return float(total)
+
+    @torch.no_grad()
+    def head_logits(self, final_hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                    chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions, their logits) of one window, `chunk` positions at a time, through the model's own head
+        (final norm, soft-capping, scaling) on the final hidden states: logits are never made for the whole
+        window times the vocabulary (`logits_to_keep`; a model without it makes them once)."""
         stand_ins = [_Inject(final_hidden.to(self.device))] + [_Passthrough() for _ in range(self.num_layers - 1)]
         ids = input_ids.to(self.device)
-        targets = ids[0, 1:]
+        positions = positions.to(self.device)
         chunked = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        total = torch.zeros((), device=self.device)  # float32: no float64 on a GPU; one sync per window
         with self._layers_replaced(stand_ins):
-            for start in range(0, targets.numel(), chunk if chunked else targets.numel()):
-                positions = torch.arange(start, min(start + chunk, targets.numel()), device=self.device)
-                options = {"logits_to_keep": positions} if chunked else {}
-                logits = self.model(input_ids=ids, use_cache=False, **options).logits[0]
-                logits = logits if chunked else logits[:-1]
-                total += torch.nn.functional.cross_entropy(logits.float(), targets[positions], reduction="sum")
-        return float(total)
+            if not chunked:
+                logits = self.model(input_ids=ids, use_cache=False).logits[0]
+            for start in range(0, positions.numel(), chunk):
+                part = positions[start:start + chunk]
+                if chunked:
+                    yield part, self.model(input_ids=ids, use_cache=False, logits_to_keep=part).logits[0]
+                else:
+                    yield part, logits[part]
 
 
 @torch.no_grad()

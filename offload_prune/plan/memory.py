@@ -31,7 +31,8 @@ from typing import Callable, Iterable
 import psutil
 import torch
 
-from ..config import OffloadPruneError, PruneConfig, format_bytes
+from ..basics import format_bytes
+from ..config import OffloadPruneError, PruneConfig
 from ..disk.checkpoint import CheckpointReader
 from ..disk.durable import DIRECT_STAGING_BYTES
 from ..methods import build_method
@@ -106,7 +107,9 @@ def logits_chunk_positions(vocab_size: int) -> int:
 
 def memory_plan(config: PruneConfig, model_config, device_type: str, calibration_text_bytes: int = 0,
                 eval_windows: int = 0, process_bytes: int = PROCESS_BASELINE_BYTES,
-                shard_dtypes: Iterable[torch.dtype] = ()) -> dict:
+                shard_dtypes: Iterable[torch.dtype] = (), eval_tokens: int | None = None) -> dict:
+    """`eval_tokens`: the evaluation's cached tokens when its windows are not all --seqlen long (a task
+    evaluation's requests); else `eval_windows` x --seqlen."""
     model, _, layers = build_skeleton(model_config)
     block = layers[0]
     stored = stored_dtype(model_config, shard_dtypes)
@@ -125,7 +128,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     method = pruning_method.memory_bytes(chosen, compute, device_type)
     hidden, vocab = model_config.hidden_size, model_config.vocab_size
     cache = config.nsamples * config.seqlen * hidden * compute.itemsize
-    eval_cache = eval_windows * config.seqlen * hidden * compute.itemsize
+    eval_cache = (eval_windows * config.seqlen if eval_tokens is None else eval_tokens) * hidden * compute.itemsize
     embedding = model.get_input_embeddings().weight.numel()
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is model.get_input_embeddings().weight

@@ -10,6 +10,7 @@ import torch
 from ..disk import durable
 from ..disk.checkpoint import CheckpointReader
 from ..evaluation.perplexity import perplexity
+from ..evaluation.tasks import evaluate_tasks
 from .passes import Run
 from .removal_pass import removal_report
 from .report import format_summary, totals
@@ -80,6 +81,11 @@ def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, d
             with meter(f"eval_{which}"):
                 report["perplexity"][which] = perplexity(CheckpointReader(str(folder)), evaluation, device, dtype,
                                                          label=f"eval {which}", **options)
+    if config.eval_tasks and run.ranks.lead:
+        report["task_evaluation"] = {}
+        for which, folder in (("dense", run.reader.folder), ("pruned", state.save)):
+            with meter(f"eval_tasks_{which}"):
+                report["task_evaluation"][which] = evaluate_tasks(folder, config, label=f"eval {which}")
     report["seconds"] = meter.seconds
     report["phase_peaks"] = meter.peaks
     report["phase_peaks_are_per_phase"] = meter.host_resets  # False: VmHWM could not be reset (not Linux)

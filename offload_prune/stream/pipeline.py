@@ -29,6 +29,7 @@ from ..disk.diskspace import check_disk_space, disk_full_message
 from ..disk.durable import DiskFullError
 from ..disk.runstate import FollowerState, RunState, check_output_folder
 from ..evaluation.perplexity import evaluation_windows
+from ..evaluation.tasks import check_tasks
 from ..methods import PruningMethod, build_method
 from ..model.lm_head import LmHead
 from ..model.loading import load_tokenizer, pick_device
@@ -67,6 +68,8 @@ def prune(config: PruneConfig) -> dict:
     keep_large_allocations_mmapped()
     reader = CheckpointReader(config.model)  # config and shard headers only
     check_output_folder(config.save, reader.folder)
+    if config.eval_tasks:  # refused now, not after the pruning: lm-eval missing, a task unknown or out of reach
+        check_tasks(config)
     device = pick_device(config.device)
     ranks = Ranks.from_environment(device)
     try:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import format_bytes
+from ..basics import format_bytes
+from ..evaluation.tasks import format_task_table
 from ..runtime.masks import chunks_of, nm_holds
 
 
@@ -64,6 +65,9 @@ def format_summary(report: dict) -> str:
         ppl = report.get("perplexity", {}).get(which)
         if ppl:
             lines.append(f"  perplexity {which:<7} {ppl['ppl']:.4f} ({ppl['windows']} windows x {ppl['seqlen']} tokens)")
+    if report.get("task_evaluation"):
+        lines.append("  lm-eval tasks (streamed):")
+        lines.extend(format_task_table(report["task_evaluation"]))
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items())
     ranks = report.get("ranks", 1)
     lines.append(f"  time: {phases}" + (f" ({ranks} ranks; memory below is rank 0's)" if ranks > 1 else ""))
@@ -73,6 +77,10 @@ def format_summary(report: dict) -> str:
         memory += (f", peak device memory {format_bytes(report['peak_device_bytes'])} reserved "
                    f"(plan {format_bytes(plan['device']['peak'])})")
     lines.append(memory)
+    for which, result in report.get("task_evaluation", {}).items():  # lm-eval's imports and each pass's own plan
+        for number, done in enumerate(result["passes"]):
+            lines.append(f"  task evaluation {which} pass {number + 1}: {done['requests']} requests, peak host RSS "
+                         f"{format_bytes(done['peaks']['host'])} (plan {format_bytes(done['plan']['host']['peak'])})")
     return "\n".join(lines)
 
 
