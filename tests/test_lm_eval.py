@@ -257,7 +257,7 @@ def test_smollm2_matches_hflm_on_a_task_built_from_wikitext(tmp_path):
 def test_lm_eval_command_line_runs_the_streamed_backend(tiny_llama, tasks, tmp_path):
     import subprocess
     argv = ["offload-prune-lm-eval", "--model", "offload_prune", "--model_args",
-            f"pretrained={tiny_llama},quiet=True,work_dir={tmp_path},device=cpu", "--tasks", "tiny_mc",
+            f"pretrained={tiny_llama},quiet=True,work_dir={tmp_path}", "--device", "cpu", "--tasks", "tiny_mc",
             "--include_path", str(tasks), "--limit", "5"]
     done = subprocess.run([sys.executable, "-c", "import sys; from offload_prune.evaluation.harness import "
                            f"lm_eval_main; sys.argv = {argv!r}; lm_eval_main()"], capture_output=True, text=True,
