@@ -177,24 +177,26 @@ def test_task_evaluation_within_its_plan_and_cleaned_up(tiny_llama, tasks, tmp_p
     assert list((tmp_path / "work").iterdir()) == []  # nothing left to resume once the results are out
 
 
-def test_cli_eval_json_and_refusals(tiny_llama, tasks, tmp_path):
+def test_cli_eval_json_and_refusals(tiny_llama, tasks, tmp_path, capsys):
     base = ["eval", "--model", tiny_llama, "--include-path", tasks, "--eval-work-dir", tmp_path, "--quiet"]
     done = run_cli(*base, "--tasks", "tiny_mc", "--limit", "5", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["tasks"]["tiny_mc"]["n"] == 5 and "acc_norm" in result["tasks"]["tiny_mc"]["metrics"]
+    from offload_prune import cli
     refusals = {("--tasks", "tiny_mcq"): "unknown task 'tiny_mcq' (did you mean tiny_mc",
                 ("--tasks", "tiny_gen"): "task tiny_gen generates text",
                 ("--tasks", "tiny_mc", "--limit", "0"): "--limit must be > 0",
                 ("--tasks", "tiny_mc", "--num-fewshot", "-1"): "--num-fewshot must be >= 0",
                 ("--tasks", "tiny_mc", "--max-host-memory", "1MiB"): "over --max-host-memory 1.00 MiB",
                 ("--tasks", ","): "--eval-tasks needs task names"}
-    for extra, message in refusals.items():
-        done = run_cli(*base, *extra)
-        assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)
+    for extra, message in refusals.items():  # in this process: the CLI's main, as the console script calls it
+        capsys.readouterr()
+        assert cli.main([str(a) for a in (*base, *extra)]) == 2, extra
+        stderr = capsys.readouterr().err
         # One line, the last (lm-eval's own progress bars, which --quiet does not reach, may come before it).
-        last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith("offload-prune: error: ") and "Traceback" not in done.stderr, done.stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("offload-prune: error: ") and message in last and "Traceback" not in stderr, stderr
 
 
 def test_refusals_before_any_weight_is_read(tiny_llama, tasks, tmp_path, monkeypatch):
@@ -264,3 +266,37 @@ def test_lm_eval_command_line_runs_the_streamed_backend(tiny_llama, tasks, tmp_p
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "offload_prune (" in done.stdout and "|tiny_mc|" in done.stdout.replace(" ", "")
+
+
+def test_peak_memory_is_one_block_and_the_cache_not_the_model(checkpoint_factory, tasks, tmp_path):
+    """Four times the blocks, about the same peak: the model is never held whole."""
+    peaks, block_bytes = {}, None
+    for layers in (2, 8):
+        model = checkpoint_factory(num_layers=layers, hidden=512, intermediate=1536, heads=8, kv_heads=8,
+                                   max_shard_size="8MB")
+        config = PruneConfig(model=str(model), eval_tasks="tiny_mc", eval_include_path=str(tasks), eval_limit=10,
+                             eval_work_dir=str(tmp_path / str(layers)), quiet=True).validate()
+        (done,) = evaluate_tasks(model, config)["passes"]
+        peaks[layers] = done["peaks"]["host"]
+        block_bytes = (4 * 512 * 512 + 3 * 512 * 1536) * 4
+    # 6 more blocks would add 6 x 13.6 MB if the model were held; one block's worth of noise is allowed.
+    assert peaks[8] - peaks[2] < block_bytes, (peaks, block_bytes)
+
+
+def test_one_process_per_evaluation_folder(tiny_llama, tmp_path):
+    """The same evaluation started twice: the second is refused in one line while the first holds the lock."""
+    import fcntl
+    packed = pack([([1, 2, 3], [4])], max_length=16, pad_id=0)
+    reader = CheckpointReader(str(tiny_llama))
+    device, dtype = torch.device("cpu"), torch.float32
+    folder = scoring.state_folder(tmp_path, scoring.fingerprint(reader, packed, device, dtype, 1))
+    folder.mkdir(parents=True)
+    holder = os.open(folder, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(OffloadPruneError, match="the evaluation folder .* is in use by another offload-prune"):
+            scoring.score(reader, packed, device, dtype, "ram", 1, tmp_path, quiet=True)
+    finally:
+        os.close(holder)
+    scores, _ = scoring.score(reader, packed, device, dtype, "ram", 1, tmp_path, quiet=True)
+    assert len(scores) == 1 and scores[0][0] < 0

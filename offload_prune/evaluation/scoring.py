@@ -55,7 +55,9 @@ def score(reader: CheckpointReader, packed: Packed, device: torch.device, dtype:
     and the folder that holds them (and, until they were written, the resumable state)."""
     keep_large_allocations_mmapped()
     job = fingerprint(reader, packed, device, dtype, micro_batch_size)
-    streamed = StreamedModel(reader, device, dtype, read_ahead=True)
+    # No read-ahead, as for perplexity: the eval phase of the plan holds one block (all requests go through it:
+    # reading the next block is short beside that compute).
+    streamed = StreamedModel(reader, device, dtype)
     state = RunState.prepare(state_folder(work, job), reader.folder, job, streamed.num_layers, overwrite=False,
                              resume=False, what="the evaluation folder")
     try:
