@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .basics import OffloadPruneError, parse_bytes
-from .config import (ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, QUANT_METHODS, QUANT_SCHEMES,
+from .config import (ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, OUTPUT_DTYPES, QUANT_METHODS, QUANT_SCHEMES,
                      RECON_OPTIMIZERS, RECON_TARGETS, RECONSTRUCT_MODES, PruneConfig)
 
 
@@ -114,6 +114,9 @@ def _quantization_flags(parser: argparse.ArgumentParser) -> None:
           help="after the mask, quantize each block's weights to 4 or 8-bit integers (16-bit activations) and "
                "write compressed-tensors' pack-quantized checkpoint, which transformers and vLLM load "
                "(needs the quant extra: pip install 'offload-prune[quant]'); default off")
+    _flag(parser, "output-dtype", default="auto", choices=OUTPUT_DTYPES,
+          help="an FP8 checkpoint (block scales, as DeepSeek-V3's) is written back as FP8 with fresh block scales "
+               "(auto, default) or as bfloat16")
     _flag(parser, "quant-method", default="gptq", choices=QUANT_METHODS,
           help="gptq (default: column by column with error feedback through the layer Hessian) or rtn (round "
                "to nearest)")

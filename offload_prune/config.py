@@ -22,6 +22,7 @@ RECON_OPTIMIZERS = ("adam", "sgd")
 #: --quantize schemes: integer weights of this many bits, 16-bit activations (what vLLM serves).
 QUANT_SCHEMES = {"off": 0, "w4a16": 4, "w8a16": 8}
 QUANT_METHODS = ("gptq", "rtn")
+OUTPUT_DTYPES = ("auto", "bfloat16")
 #: --eval-tasks default: the zero-shot set of the Wanda and SparseGPT papers.
 DEFAULT_EVAL_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
@@ -126,6 +127,8 @@ class PruneConfig:
     # SmolLM2, docs/benchmarks.md), off where there is no such order (RTN, SparseGPT's joint sweep).
     quant_act_order: bool | None = None
     quant_joint: bool = False  # SparseGPT prunes and quantizes in one sweep instead of GPTQ after the mask
+    # An FP8 checkpoint's weights are written back as FP8 with fresh block scales (auto), or as bfloat16.
+    output_dtype: str = "auto"
     # Budgets checked against the memory plan before any weight is read (bytes; None = no limit).
     max_device_memory: int | None = None
     max_host_memory: int | None = None
@@ -211,6 +214,8 @@ class PruneConfig:
         if self.eval_ppl and not self.eval_data:
             raise OffloadPruneError("--eval-ppl needs --eval-data (a local text file, or wikitext2 with `datasets`)")
         self._validate_task_evaluation()
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise OffloadPruneError(f"--output-dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.output_dtype!r}")
         return self
 
     def _validate_task_evaluation(self) -> None:
@@ -362,6 +367,8 @@ class PruneConfig:
                       "recon_norms"]
         if self.quantize != "off":
             names += ["quantize", "quant_method", "quant_group_size", "quant_asym", "quant_act_order", "quant_joint"]
+        if self.output_dtype != "auto":
+            names.append("output_dtype")
         if self.nm is None:  # N:M fixes the ratio itself
             names.insert(1, "sparsity_ratio")
         return {name: getattr(self, name) for name in names}

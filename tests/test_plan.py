@@ -120,6 +120,24 @@ def test_plan_for_llama2_70b_on_a_24gb_gpu(tmp_path, capsys):
                  "--max-device-memory", "8GiB"]) == 2
 
 
+def test_deepseek_v3_plans_each_kind_of_block_at_its_size(tmp_path):
+    """DeepSeek-V3's real config: three dense blocks, then 58 with 256 experts of 2048. The plan is made on
+    a machine with less memory than one experts parameter (30 GB in float32: the skeleton never allocates it),
+    the prune phase holds an expert block, and the write phase only the tensors outside the blocks."""
+    from transformers import DeepseekV3Config
+
+    DeepseekV3Config(dtype="bfloat16").save_pretrained(tmp_path)
+    model_config = DeepseekV3Config.from_pretrained(tmp_path)
+    config = PruneConfig(micro_batch_size=1, model=str(tmp_path), prune_method="wanda", dtype="bfloat16").validate()
+    plan = memory_plan(config, model_config, "cuda", process_bytes=PROCESS_BASELINE_BYTES)
+    hidden, experts, width = 7168, 256, 2048
+    expert_params = experts * 3 * hidden * width
+    assert plan["phases"]["prune"]["device_parts"]["block_weights"] > expert_params * 2  # bf16, plus attention
+    embedding_and_head = 2 * 129280 * hidden * 2
+    assert plan["phases"]["write"]["host_parts"]["outside_tensors"] < embedding_and_head * 1.01
+    assert plan["host"]["phase"] == "prune" and plan["phases"]["write"]["host"] < 8 * GIB  # was 1,186 GiB
+
+
 def test_a_many_expert_layer_never_holds_every_experts_hessian():
     """SparseGPT splits experts across calibration passes: a pass holds no more Hessians than the
     block's other matrices do (at least one expert), and the plan counts exactly that."""
@@ -149,15 +167,20 @@ def test_a_many_expert_layer_never_holds_every_experts_hessian():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
-def test_mixture_of_experts_phases_within_the_plan(tmp_path):
+@pytest.mark.parametrize("dense_first", [False, True])
+def test_mixture_of_experts_phases_within_the_plan(tmp_path, dense_first):
     """The same bound on a Mixture-of-Experts checkpoint in the hub's per-expert layout, whose experts
-    are most of each block and are fused into 3-D parameters as each block loads."""
+    are most of each block and are fused into 3-D parameters as each block loads. With `dense_first`,
+    block 0 has a narrow dense MLP and the others experts 4x wider (DeepSeek-V3's shape): the plan sizes
+    each kind of block, not every block like the first (which measured 1.41x its plan in the prune phase)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from offload_prune.demo import byte_tokenizer, demo_text
-    config = AutoConfig.for_model("qwen3_moe", hidden_size=512, intermediate_size=1024, moe_intermediate_size=1024,
-                                  num_experts=16, num_experts_per_tok=4, num_hidden_layers=2, num_attention_heads=8,
-                                  num_key_value_heads=2, head_dim=64, vocab_size=260, tie_word_embeddings=False)
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=512, intermediate_size=256 if dense_first else 1024,
+                                  moe_intermediate_size=1024, num_experts=16, num_experts_per_tok=4,
+                                  num_hidden_layers=3 if dense_first else 2, num_attention_heads=8,
+                                  num_key_value_heads=2, head_dim=64, vocab_size=260, tie_word_embeddings=False,
+                                  mlp_only_layers=[0] if dense_first else [])
     model = tmp_path / "moe"
     AutoModelForCausalLM.from_config(config).half().save_pretrained(model, max_shard_size="200MB")
     byte_tokenizer().save_pretrained(model)

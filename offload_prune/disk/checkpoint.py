@@ -18,7 +18,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from ..config import OffloadPruneError
 from . import durable
-from .compressed import PACKED, PackedWeights, quantization_config
+from .compressed import PackedWeights, quantization_config
+from .fp8 import BlockFP8Weights, fp8_config
 from .durable import FileRecord
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -68,17 +69,20 @@ class CheckpointReader:
         self._headers: dict[str, bytes] = {}  # each shard's JSON header, as read once here (for `identity`)
         self._check_shards()
         # What is stored; weight_map, shapes and dtypes say what the modules load, which differs only for
-        # a quantized checkpoint (its packed parts stand for one dense weight each).
+        # a quantized checkpoint: a compressed-tensors one (its packed parts stand for one dense weight each)
+        # or a block-scaled FP8 one (each FP8 weight and its scales stand for a 16-bit weight).
         self.stored_map = dict(self.weight_map)
-        quantized = quantization_config(self.config)
+        quantized, fp8 = quantization_config(self.config), fp8_config(self.config)
         self.packed = PackedWeights(quantized, self.shapes, self._read_stored) if quantized else None
-        if self.packed:
-            for name, parts in self.packed.parts.items():
-                stored = list(parts.values())
-                self.weight_map[name] = self.weight_map[parts[PACKED]]
-                self.shapes[name] = self.packed.shapes[name]
-                self.dtypes[name] = self.dtypes[parts["weight_scale"]]
-                for part in stored:
+        self.fp8 = BlockFP8Weights(fp8, self.shapes, self.dtypes, _sixteen_bits(self.config)) if fp8 else None
+        self.converted = self.packed or self.fp8
+        for name, parts in (self.converted.parts if self.converted else {}).items():
+            stored = list(parts.values())
+            self.weight_map[name] = self.weight_map[stored[0]]
+            self.shapes[name] = self.converted.shapes[name]
+            self.dtypes[name] = self.dtypes[parts["weight_scale"]] if self.packed else self.fp8.dtypes[name]
+            for part in stored:
+                if part != name:
                     del self.weight_map[part], self.shapes[part], self.dtypes[part]
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -140,8 +144,8 @@ class CheckpointReader:
         used (converted on load), on whichever thread that is. So their bytes are asked of the disk here
         (posix_fadvise WILLNEED: the kernel reads them into the page cache in the background); on the
         read-ahead thread, the next block comes off the disk while the main thread computes."""
-        if self.packed:
-            return self.packed.dense(self._read_stored(self.packed.stored_names(names)), names)
+        if self.converted:
+            return self.converted.dense(self._read_stored(self.converted.stored_names(names)), names)
         return self._read_stored(names)
 
     def _read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -174,6 +178,13 @@ class CheckpointReader:
             digest.update(shard.encode() + self._headers[shard])
             digest.update(str(path.stat().st_size).encode())
         return {"sha256_of_headers": digest.hexdigest()}
+
+
+def _sixteen_bits(model_config) -> torch.dtype:
+    """What a quantized checkpoint's weights are read as: config.json's 16-bit dtype, else bfloat16."""
+    value = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    value = getattr(torch, value, None) if isinstance(value, str) else value
+    return value if value in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 def _header(path: Path) -> tuple[bytes, dict]:

@@ -15,16 +15,39 @@ PARTS = (PACKED, "weight_scale", "weight_shape", "weight_zero_point")
 INSTALL_HINT = "pip install 'offload-prune[quant]'"
 
 
-def quantization_config(model_config) -> dict | None:
-    """The checkpoint's compressed-tensors `quantization_config`, or None for a dense checkpoint."""
+def quantization_section(model_config, method: str) -> dict | None:
+    """The checkpoint's `quantization_config` when its quant_method is `method`, else None."""
     found = getattr(model_config, "quantization_config", None)
     if found is None:
         return None
     found = found if isinstance(found, dict) else found.to_dict()
-    return found if found.get("quant_method") == "compressed-tensors" else None
+    return found if found.get("quant_method") == method else None
 
 
-class PackedWeights:
+def quantization_config(model_config) -> dict | None:
+    """The checkpoint's compressed-tensors `quantization_config`, or None for a dense checkpoint."""
+    return quantization_section(model_config, "compressed-tensors")
+
+
+class ConvertedWeights:
+    """Weights stored as parts, each read as one dense weight: `parts` maps a dense name to {part: stored name}."""
+
+    parts: dict[str, dict[str, str]]
+
+    def stored_names(self, names: list[str]) -> list[str]:
+        """What to read from the shards for `names`."""
+        return [stored for name in names for stored in (self.parts[name].values() if name in self.parts else [name])]
+
+    def dense(self, tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """`names` from the stored `tensors` read for them, each converted weight made dense."""
+        return {name: self.convert({part: tensors[stored] for part, stored in self.parts[name].items()})
+                if name in self.parts else tensors[name] for name in names}
+
+    def convert(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PackedWeights(ConvertedWeights):
     """The dense `weight` names a pack-quantized checkpoint stands for, and how to make them."""
 
     def __init__(self, config: dict, stored: dict[str, tuple[int, ...]], read_stored: Callable):
@@ -49,17 +72,5 @@ class PackedWeights:
         shapes = read_stored([parts["weight_shape"] for parts in self.parts.values()])
         self.shapes = {name: tuple(int(d) for d in shapes[parts["weight_shape"]]) for name, parts in self.parts.items()}
 
-    def stored_names(self, names: list[str]) -> list[str]:
-        """What to read from the shards for `names`."""
-        return [stored for name in names for stored in (self.parts[name].values() if name in self.parts else [name])]
-
-    def dense(self, tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-        """`names` from the stored `tensors` read for them, each weight dequantized."""
-        out = {}
-        for name in names:
-            if name not in self.parts:
-                out[name] = tensors[name]
-                continue
-            local = {part: tensors[stored] for part, stored in self.parts[name].items()}
-            out[name] = self.compressor.decompress(local, self.scheme)["weight"]
-        return out
+    def convert(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.compressor.decompress(parts, self.scheme)["weight"]

@@ -15,6 +15,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import send_to_device, set_module_tensor_to_device
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -65,10 +66,30 @@ class _Passthrough(nn.Module):
         return hidden_states
 
 
+class _LargeEmptyOnMeta(TorchFunctionMode):
+    """`torch.empty` of at least `MIN_BYTES` makes a meta tensor. Modules allocate their parameters with it before
+    init_empty_weights moves them to meta: one experts parameter of DeepSeek-V3 (256 x 4096 x 7168) is a 30 GB
+    allocation, refused outright on a 24 GB machine. Buffers computed in __init__ (rotary tables) are small and
+    stay real."""
+
+    MIN_BYTES = 256 << 20
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.empty and kwargs.get("device") is None:
+            shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+            numel = 1
+            for size in shape:
+                numel *= int(size)
+            if numel * (kwargs.get("dtype") or torch.get_default_dtype()).itemsize >= self.MIN_BYTES:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
 def build_skeleton(model_config) -> tuple[nn.Module, str, nn.ModuleList]:
     """The model on the meta device (no memory for weights), and its decoder layer list."""
     try:
-        with init_empty_weights(), warnings.catch_warnings():
+        with init_empty_weights(), _LargeEmptyOnMeta(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(model_config)
     except ValueError as exc:

@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 
 import psutil
 import torch
+from torch import nn
 
 from ..basics import format_bytes
 from ..config import OffloadPruneError, PruneConfig
@@ -105,39 +106,21 @@ def logits_chunk_positions(vocab_size: int) -> int:
     return max(1, LOGITS_CHUNK_ELEMENTS // vocab_size)
 
 
-def memory_plan(config: PruneConfig, model_config, device_type: str, calibration_text_bytes: int = 0,
-                eval_windows: int = 0, process_bytes: int = PROCESS_BASELINE_BYTES,
-                shard_dtypes: Iterable[torch.dtype] = (), eval_tokens: int | None = None) -> dict:
-    """`eval_tokens`: the evaluation's cached tokens when its windows are not all --seqlen long (a task
-    evaluation's requests); else `eval_windows` x --seqlen."""
-    model, _, layers = build_skeleton(model_config)
-    block = layers[0]
-    stored = stored_dtype(model_config, shard_dtypes)
-    compute = compute_dtype(config.dtype, device_type, stored)
-    on_cpu = device_type == "cpu"
-    store = config.offload_activations
-    if store not in ("ram", "disk", "device"):
-        raise ValueError("plan an activation store that is resolved (resolve_activation_store)")
-    if config.micro_batch_size == "auto":
-        raise ValueError("plan a micro-batch size that is resolved (resolve_micro_batch)")
+def block_kinds(layers) -> list[tuple[nn.Module, int]]:
+    """(one block of each kind, the index of the last block of that kind): blocks are of one kind when their
+    parameters have the same names and shapes (DeepSeek-V3: three dense blocks, then 58 with 256 experts)."""
+    kinds: dict[tuple, tuple[nn.Module, int]] = {}
+    for index, block in enumerate(layers):
+        key = tuple((name, tuple(p.shape)) for name, p in block.named_parameters())
+        kinds[key] = (kinds.get(key, (block, index))[0], index)
+    return list(kinds.values())
+
+
+def kind_steps(config: PruneConfig, model_config, block: nn.Module, matrices: dict, chosen: dict, method: dict,
+               compute: torch.dtype, stored: torch.dtype, device_type: str, micro_batch: int, ahead: dict,
+               behind: dict) -> dict[str, list[tuple[dict, dict]]]:
+    """The steps of each phase that holds one block of this kind, as (device parts, host-only parts)."""
     block_numel = sum(p.numel() for p in block.parameters())
-    matrices = find_matrices(block)
-    describe(block, matrices)
-    chosen = selected_matrices(matrices, len(layers) - 1, len(layers), config) or matrices
-    pruning_method = build_method(config, model_config)
-    method = pruning_method.memory_bytes(chosen, compute, device_type)
-    hidden, vocab = model_config.hidden_size, model_config.vocab_size
-    cache = config.nsamples * config.seqlen * hidden * compute.itemsize
-    eval_cache = (eval_windows * config.seqlen if eval_tokens is None else eval_tokens) * hidden * compute.itemsize
-    embedding = model.get_input_embeddings().weight.numel()
-    output = model.get_output_embeddings()
-    tied = output is not None and output.weight is model.get_input_embeddings().weight
-    head = output.weight.numel() if output is not None else 0
-    # Tensors outside the blocks (parameters() counts a tied head once); a pruned tied head is written apart.
-    outside = sum(p.numel() for p in model.parameters()) - block_numel * len(layers)
-    outside += head if tied and config.nr_prune_lm_head else 0
-    micro_batch = micro_batch_bytes(config, model_config, compute.itemsize)
-    window = config.seqlen * hidden * compute.itemsize
     largest_in_block = max(p.numel() for p in block.parameters())
     block_compute, block_stored = block_numel * compute.itemsize, block_numel * stored.itemsize
     # Per-expert tensors fused into a 3-D parameter on load: the stacked and the concatenated copy of
@@ -147,19 +130,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
                                                        if fused else {})}
     # One tensor's contiguous copy (of a strided view) and the buffer a shard is written through.
     serialized = largest_in_block * stored.itemsize + DIRECT_STAGING_BYTES
-    # --overlap-io: the next block's stored tensors are read while a block loads and computes, and the
-    # previous block's stored copy is still being written while this one loads and collects statistics.
-    ahead = {"next_block_read": block_stored} if config.overlap_io else {}
-    behind = {"previous_block_written": block_stored + serialized} if config.overlap_io else {}
-    head_apart = head if not tied or config.nr_prune_lm_head else 0  # a pruned tied head becomes its own tensor
-    embed_step = ({"embedding": embedding * compute.itemsize, "window": 4 * window},
-                  {"stored_embedding": embedding * stored.itemsize})
-
-    # Per phase, its steps one after another, each as (device parts, host-only parts): the phase's
-    # peak is its largest step. The process and the activation caches come on top.
-    phases: dict[str, list[tuple[dict, dict]]] = {
-        "calibration": [({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE})],
-        "capture": [embed_step],
+    steps = {
         # OWL's dense pass: a block's input norms while it runs, then its scores one matrix at a time.
         "owl": [({"block_weights": block_compute}, {**stored_loading, **ahead}),
                 ({"block_weights": block_compute, "input_norms": sum(m.in_features * 8 for m in chosen.values()),
@@ -176,23 +147,84 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
                     "micro_batch": micro_batch}, {**ahead, **behind}),  # statistics, prune, propagate
                   ({"block_weights": block_compute},  # write: the stored copy, one tensor serialized at a time
                    {"stored_block": block_stored, "serialized_tensor": serialized, **ahead})],
-        "write": [({"head_prune_chunk": chunk_workspace_bytes(head, device_type) if config.nr_prune_lm_head else 0},
-                   {"outside_tensors": outside * stored.itemsize,
-                    "serialized_tensor": max(embedding, head) * stored.itemsize + DIRECT_STAGING_BYTES})],
-        "eval": [embed_step,
-                 ({"block_weights": block_compute, "micro_batch": micro_batch}, stored_loading),
-                 ({"embedding_and_head": (embedding + head_apart) * compute.itemsize,
-                   "logits_chunk": 3 * logits_chunk_positions(vocab) * vocab * 4},
-                  {"stored_embedding_and_head": (embedding + head_apart) * stored.itemsize})],
+        "eval": [({"block_weights": block_compute, "micro_batch": micro_batch}, stored_loading)],
     }
     if config.reconstruct != "off":
         for recon in reconstruction_bytes(config, block, matrices, compute, RECON_BACKWARD_FACTOR * micro_batch_bytes(
                 config, model_config, 4), micro_batch):
-            phases["prune"].append(({"block_weights": block_compute, **recon}, {**ahead, **behind}))
+            steps["prune"].append(({"block_weights": block_compute, **recon}, {**ahead, **behind}))
     if config.quantize != "off":
-        phases["prune"].append(({"block_weights": block_compute,
-                                 **quantization_bytes(config, quantized_matrices(matrices), compute, device_type)},
-                                {**ahead, **behind}))
+        steps["prune"].append(({"block_weights": block_compute,
+                                **quantization_bytes(config, quantized_matrices(matrices), compute, device_type)},
+                               {**ahead, **behind}))
+    return steps
+
+
+def memory_plan(config: PruneConfig, model_config, device_type: str, calibration_text_bytes: int = 0,
+                eval_windows: int = 0, process_bytes: int = PROCESS_BASELINE_BYTES,
+                shard_dtypes: Iterable[torch.dtype] = (), eval_tokens: int | None = None) -> dict:
+    """`eval_tokens`: the evaluation's cached tokens when its windows are not all --seqlen long (a task
+    evaluation's requests); else `eval_windows` x --seqlen."""
+    model, _, layers = build_skeleton(model_config)
+    stored = stored_dtype(model_config, shard_dtypes)
+    compute = compute_dtype(config.dtype, device_type, stored)
+    on_cpu = device_type == "cpu"
+    store = config.offload_activations
+    if store not in ("ram", "disk", "device"):
+        raise ValueError("plan an activation store that is resolved (resolve_activation_store)")
+    if config.micro_batch_size == "auto":
+        raise ValueError("plan a micro-batch size that is resolved (resolve_micro_batch)")
+    pruning_method = build_method(config, model_config)
+    hidden, vocab = model_config.hidden_size, model_config.vocab_size
+    cache = config.nsamples * config.seqlen * hidden * compute.itemsize
+    eval_cache = (eval_windows * config.seqlen if eval_tokens is None else eval_tokens) * hidden * compute.itemsize
+    embedding = model.get_input_embeddings().weight.numel()
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    head = output.weight.numel() if output is not None else 0
+    # Tensors outside the blocks (parameters() counts a tied head once); a pruned tied head is written apart.
+    outside = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in layers.parameters())
+    outside += head if tied and config.nr_prune_lm_head else 0
+    micro_batch = micro_batch_bytes(config, model_config, compute.itemsize)
+    window = config.seqlen * hidden * compute.itemsize
+    kinds = block_kinds(layers)
+    # --overlap-io: the next block's stored tensors are read while a block loads and computes, and the
+    # previous block's stored copy is still being written while this one loads and collects statistics; either
+    # may be of another kind than this one, so the largest kind stands for them.
+    largest_stored = max(sum(p.numel() for p in b.parameters()) for b, _ in kinds) * stored.itemsize
+    largest_serialized = max(max(p.numel() for p in b.parameters()) for b, _ in kinds) * stored.itemsize
+    ahead = {"next_block_read": largest_stored} if config.overlap_io else {}
+    behind = ({"previous_block_written": largest_stored + largest_serialized + DIRECT_STAGING_BYTES}
+              if config.overlap_io else {})
+    head_apart = head if not tied or config.nr_prune_lm_head else 0  # a pruned tied head becomes its own tensor
+    embed_step = ({"embedding": embedding * compute.itemsize, "window": 4 * window},
+                  {"stored_embedding": embedding * stored.itemsize})
+
+    # Per phase, its steps one after another, each as (device parts, host-only parts): the phase's
+    # peak is its largest step. The process and the activation caches come on top. Each kind of block
+    # adds its own steps (kind_steps), so a phase's peak is its largest kind's.
+    phases: dict[str, list[tuple[dict, dict]]] = {
+        "calibration": [({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE})],
+        "capture": [embed_step], "owl": [], "influence": [], "copy": [], "prune": [],
+        "write": [({"head_prune_chunk": chunk_workspace_bytes(head, device_type) if config.nr_prune_lm_head else 0},
+                   {"outside_tensors": outside * stored.itemsize,
+                    "serialized_tensor": max(embedding, head) * stored.itemsize + DIRECT_STAGING_BYTES})],
+        "eval": [embed_step,
+                 ({"embedding_and_head": (embedding + head_apart) * compute.itemsize,
+                   "logits_chunk": 3 * logits_chunk_positions(vocab) * vocab * 4},
+                  {"stored_embedding_and_head": (embedding + head_apart) * stored.itemsize})],
+    }
+    methods = []
+    for block, last_index in kinds:
+        matrices = find_matrices(block)
+        describe(block, matrices)
+        chosen = selected_matrices(matrices, last_index, len(layers), config) or matrices
+        method = pruning_method.memory_bytes(chosen, compute, device_type)
+        methods.append(method)
+        for name, steps in kind_steps(config, model_config, block, matrices, chosen, method, compute, stored,
+                                      device_type, micro_batch, ahead, behind).items():
+            phases[name].extend(steps)
+    method = {key: max(m[key] for m in methods) for key in methods[0]}
     device_plan, host_plan = {}, {}
     for name, steps in phases.items():
         cached = name in ("capture", "owl", "influence", "prune")

@@ -17,6 +17,7 @@ from ..model.selection import selected_matrices
 from ..model.skeleton import run_windows
 from ..runtime.hostmem import release_free_memory
 from ..runtime.masks import zero_lowest
+from .output import fp8_stored, fp8_written
 from .owl_pass import measure_outliers
 from .passes import LAYER_KWARGS, Run, advance_inputs, capture, collect
 from .quantization import BlockQuantizer
@@ -108,7 +109,7 @@ def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, M
     unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
     unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
                      for n, w in other_weights(block, matrices).items()})
-    tensors = run.streamed.block_tensors(index)
+    tensors = fp8_stored(fp8_written(run.reader, config), run.streamed.block_tensors(index))
     if quantized is not None:  # each quantized weight stored as its packed parts
         parts, quantization = quantized
         for name, stored in parts.items():

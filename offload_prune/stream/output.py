@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import torch
 from torch import nn
 
-from ..config import OffloadPruneError
+from ..config import OffloadPruneError, PruneConfig
 from ..disk import durable
-from ..disk.checkpoint import INDEX_NAME, ShardLayout, side_files
+from ..disk.checkpoint import INDEX_NAME, CheckpointReader, ShardLayout, side_files
+from ..disk.fp8 import SCALE, BlockFP8Weights
 from ..model.lm_head import LmHead
 from ..model.matrices import find_matrices
 from ..quantize.checkpoint import quantization_config, quantized_matrices, stored_layout
@@ -20,11 +22,29 @@ from .passes import Run
 from .report import module_stats
 
 
+def fp8_written(reader: CheckpointReader, config: PruneConfig) -> BlockFP8Weights | None:
+    """An FP8 checkpoint's FP8 weights, when they are written back as FP8 (--output-dtype auto, no --quantize)."""
+    return reader.fp8 if config.output_dtype == "auto" and config.quantize == "off" else None
+
+
+def fp8_stored(fp8: BlockFP8Weights | None, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` as written: each FP8 weight of the input quantized back, beside its fresh block scales."""
+    if fp8 is None:
+        return tensors
+    out = {}
+    for name, tensor in tensors.items():
+        if name in fp8.parts:
+            out[name], out[fp8.parts[name][SCALE]] = fp8.quantize(tensor)
+        else:
+            out[name] = tensor
+    return out
+
+
 def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] | None = None,
-                  grid: Grid | None = None) -> ShardLayout:
+                  grid: Grid | None = None, fp8: BlockFP8Weights | None = None) -> ShardLayout:
     """Unit 0: the tensors outside the blocks; unit 1 + j: output block j (input block kept[j], all by
     default), under its new number; with a quantization `grid`, each block's Linear weights as their
-    packed parts (sized as at most what they will take)."""
+    packed parts (sized as at most what they will take); with `fp8`, each FP8 weight beside its scales."""
     reader = streamed.reader
     nbytes = {n: reader.nbytes(n) for n in streamed.outside_names}
     outside_names = list(streamed.outside_names)
@@ -41,6 +61,12 @@ def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] 
                 names.update(dict.fromkeys(parts))
                 nbytes.update(parts)
         units.append(list(names))
+        for name, source in list(names.items()) if fp8 is not None else ():
+            if source in fp8.parts:
+                scale = name[:-len("weight")] + SCALE
+                units[-1].append(scale)
+                nbytes[name] = math.prod(reader.shapes[source])
+                nbytes[scale] = math.prod(fp8.grid(reader.shapes[source])) * 4
     return ShardLayout(units, nbytes, reader.max_shard_bytes())
 
 
@@ -74,13 +100,13 @@ def write_outside(run: Run) -> None:
         outside[head.name] = head.prune(reader.read([head.source])[head.source], run.config, run.device)
         modules[head.name] = {**module_stats(outside[head.name], run.config.nm), "rule": "magnitude",
                               "kind": "lm_head"}
-    outputs = run.layout.write_unit(0, state.save, outside)
+    outputs = run.layout.write_unit(0, state.save, fp8_stored(fp8_written(reader, run.config), outside))
     _, total_bytes = run.layout.written_totals(state.save)
     outputs[INDEX_NAME] = durable.write_text(state.save / INDEX_NAME, run.layout.index_text(total_bytes))
     for path in side_files(reader.folder):
         if path.name == "config.json" and (head and head.name != head.source or run.method.removes_blocks
                                            or run.config_changes or run.config.quantize != "off"
-                                           or reader.packed is not None):
+                                           or reader.converted is not None):
             text = json.dumps(output_config(run, state.manifest["removed_blocks"]), indent=2) + "\n"
             outputs[path.name] = durable.write_text(state.save / path.name, text)
         else:
@@ -101,7 +127,8 @@ def output_config(run: Run, removed: list[int] | None) -> dict:
         check_blocks_expressed(run.streamed.layers, new_layers, kept,
                                [k for k in edited if k != "num_hidden_layers" and edited[k] != config.get(k)])
         config = edited
-    config.pop("quantization_config", None)  # a quantized input is read dense, and written dense...
+    if fp8_written(run.reader, run.config) is None:  # a quantized input is read dense, and written dense...
+        config.pop("quantization_config", None)
     if run.config.quantize != "off":  # ...unless the output is quantized
         config["quantization_config"] = quantization_config(Grid.of(run.config), linear_layers_outside(run.streamed))
     return {**config, **run.config_changes}

@@ -49,7 +49,7 @@ from ..surgery.layer_sparsity import ratios_from_file
 from ..surgery.neurons import width_setting
 from .blocks import prune_blocks
 from .finish import REPORT_NAME, evaluate_and_report
-from .output import output_layout, write_outside
+from .output import fp8_written, output_layout, write_outside
 from .passes import Run
 from .removal_pass import remove_blocks
 
@@ -68,6 +68,9 @@ def prune(config: PruneConfig) -> dict:
     keep_large_allocations_mmapped()
     reader = CheckpointReader(config.model)  # config and shard headers only
     check_output_folder(config.save, reader.folder)
+    if config.output_dtype != "auto" and reader.fp8 is None:
+        raise OffloadPruneError(f"--output-dtype {config.output_dtype} converts an FP8 checkpoint's weights; "
+                                f"{reader.folder} stores none")
     if config.eval_tasks:  # refused now, not after the pruning: lm-eval missing, a task unknown or out of reach
         check_tasks(config)
     device = pick_device(config.device)
@@ -126,7 +129,8 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
     else:
         given_sparsities = ratios_from_file(config.layer_sparsity, streamed.num_layers)
     head = LmHead(streamed) if config.nr_prune_lm_head else None
-    layout = output_layout(streamed, head, grid=Grid.of(config) if config.quantize != "off" else None)
+    layout = output_layout(streamed, head, grid=Grid.of(config) if config.quantize != "off" else None,
+                           fp8=fp8_written(reader, config))
     activation_shape = (len(windows), config.seqlen, reader.config.hidden_size)
     activation_bytes = math.prod(activation_shape) * dtype.itemsize
     check_disk_space(config.save, layout, activation_bytes)

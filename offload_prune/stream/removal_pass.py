@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..disk import durable
 from ..surgery.block_removal import (AngularWindow, InfluenceMeter, contiguous_run, lowest_influence,
                                      removal_for_budget, renumbered)
-from .output import output_config, output_layout
+from .output import fp8_stored, fp8_written, output_config, output_layout
 from .passes import Run, capture, dense_pass
 
 ANGULAR_STATES = "angular_{:05d}.pt"  # last-token states of the latest block boundaries (shortgpt --angular)
@@ -39,13 +39,13 @@ def remove_blocks(run: Run, windows: torch.Tensor) -> None:
         run.store.release()
         state.commit(run_files={}, removed_blocks=removed, captured=False)
     kept = _kept_blocks(run)
-    run.layout = output_layout(streamed, run.head, kept)
+    run.layout = output_layout(streamed, run.head, kept, fp8=fp8_written(run.reader, run.config))
     if state.completed_blocks < len(kept):
         with meter("copy"):
             for new in tqdm(range(state.completed_blocks, len(kept)), desc="blocks kept", disable=run.config.quiet,
                             initial=state.completed_blocks, total=len(kept)):
                 old = kept[new]
-                tensors = run.reader.read(streamed.block_names(old))
+                tensors = fp8_stored(fp8_written(run.reader, run.config), run.reader.read(streamed.block_names(old)))
                 renamed = {renumbered(name, old, new): tensor for name, tensor in tensors.items()}
                 outputs = run.layout.write_unit(1 + new, state.save, renamed)
                 state.commit(outputs=outputs, stage=new, completed_blocks=new + 1)
