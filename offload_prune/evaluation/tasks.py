@@ -64,9 +64,13 @@ def check_tasks(config: PruneConfig):
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
-    manager = TaskManager(include_path=str(Path(config.eval_include_path).expanduser())
-                          if config.eval_include_path else None)
-    known, names = set(manager.all_tasks), config.task_names
+    names = config.task_names
+    local = str(Path(config.eval_include_path).expanduser()) if config.eval_include_path else None
+    # lm-eval's own task index takes seconds to build: not when --include-path holds every task asked for.
+    manager = TaskManager(include_path=local, include_defaults=False) if local else None
+    if manager is None or not set(names) <= set(manager.all_tasks):
+        manager = TaskManager(include_path=local)
+    known = set(manager.all_tasks)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
