@@ -168,6 +168,21 @@ def test_quantized_run_killed_at_every_step_then_resumed_is_identical(resume_mod
     assert ".weight_packed" in (tmp_path / "uninterrupted" / "model.safetensors.index.json").read_text()
 
 
+def test_fp8_run_killed_at_every_step_then_resumed_is_identical(prune_args, worker, tmp_path):
+    """An FP8 checkpoint written back as FP8: each weight and its fresh scales (tensors the layout adds) resume
+    to the same bytes from every third step and each of the last twelve."""
+    import torch
+    from test_fp8 import to_fp8
+
+    from offload_prune.demo import make_checkpoint
+    model = to_fp8(make_checkpoint(tmp_path / "fp8-model", num_layers=3, hidden=64, intermediate=128,
+                                   max_shard_size="40KB", dtype=torch.bfloat16), block=32)
+    args = lambda save: prune_args(model, save)  # noqa: E731
+    swept_identical(worker, args, tmp_path, "fp8", lambda steps: [
+        step if k % 3 == 0 or k >= len(steps) - 12 else None for k, step in enumerate(steps)])
+    assert ".weight_scale_inv" in (tmp_path / "uninterrupted" / "model.safetensors.index.json").read_text()
+
+
 def test_double_kill_then_resume_is_identical(resume_model, prune_args, worker, uninterrupted, tmp_path):
     steps = worker.steps(*prune_args(resume_model, tmp_path / "logged"))
     failures = []
