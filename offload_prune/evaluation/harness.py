@@ -21,7 +21,7 @@ from ..basics import OffloadPruneError, format_bytes, parse_bytes
 from ..disk.checkpoint import CheckpointReader
 from ..model.loading import load_tokenizer, pick_device
 from ..plan.evaluation import choose_store, evaluation_plan
-from ..plan.memory import pick_dtype
+from ..plan.memory import STORE_WORDS, pick_dtype
 from ..runtime.meter import PhaseMeter, current_host_rss_bytes
 from .requests import pack
 from .scoring import score
@@ -53,6 +53,7 @@ class StreamedLM(TemplateLM):
         self.store = str(offload_activations)
         self._max_length = int(max_length) if max_length else None
         self.add_bos_token = add_bos_token
+        self._prefix_text = self.tokenizer.decode(self.prefix_token_id)  # tok_encode's check, once, not per request
         self.max_host_memory = parse_bytes(max_host_memory) if isinstance(max_host_memory, str) else max_host_memory
         self.work = Path(work_dir) if work_dir else DEFAULT_WORK
         self.quiet, self.label = bool(quiet), label
@@ -89,7 +90,7 @@ class StreamedLM(TemplateLM):
         already starts with the prefix token."""
         if add_special_tokens is None:
             add_special_tokens = self.add_bos_token
-            if string.startswith(self.tokenizer.decode(self.prefix_token_id)):
+            if string.startswith(self._prefix_text):
                 add_special_tokens = False
         options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **options)
@@ -108,12 +109,12 @@ class StreamedLM(TemplateLM):
         if not self.quiet:
             print(f"{self.label}: {len(requests)} requests in {packed.windows} windows ({packed.padded_tokens} tokens); "
                   f"planned host peak {format_bytes(plan['host']['peak'])}, request cache "
-                  f"{format_bytes(plan['request_cache_bytes'])} {'in RAM' if plan['activation_store'] == 'ram' else 'on disk'}",
+                  f"{format_bytes(plan['request_cache_bytes'])} {STORE_WORDS[plan['activation_store']]}",
                   file=sys.stderr)
         phase = f"pass_{len(self.passes)}"
         with self.meter(phase):
             scores, folder = score(self.reader, packed, self.compute_device, self.dtype, plan["activation_store"],
-                           self.micro_batch_size, self.work, quiet=self.quiet or disable_tqdm, label=self.label)
+                                   self.micro_batch_size, self.work, quiet=self.quiet or disable_tqdm, label=self.label)
         self.state_folders.append(folder)
         self.passes.append({"requests": len(requests), "windows": packed.windows, "padded_tokens": packed.padded_tokens,
                             "plan": plan, "seconds": self.meter.seconds[phase], "peaks": self.meter.peaks[phase]})

@@ -10,7 +10,7 @@ import torch
 
 from ..basics import format_bytes
 from ..config import OffloadPruneError, PruneConfig
-from .memory import PROCESS_BASELINE_BYTES, memory_plan
+from .memory import PROCESS_BASELINE_BYTES, STORE_WORDS, memory_plan
 
 
 def evaluation_plan(model_config, device_type: str, dtype: str, store: str, windows: int, padded_tokens: int,
@@ -45,6 +45,6 @@ def choose_store(requested: str, plan_for: Callable[[str], dict], max_host_memor
     if max_host_memory is not None and plan["host"]["peak"] > max_host_memory:
         raise OffloadPruneError(f"the evaluation plan needs {format_bytes(plan['host']['peak'])} of host memory "
                                 f"(request cache {format_bytes(plan['request_cache_bytes'])} "
-                                f"{'in RAM' if plan['activation_store'] == 'ram' else 'on disk'}), over "
+                                f"{STORE_WORDS[plan['activation_store']]}), over "
                                 f"--max-host-memory {format_bytes(max_host_memory)}; try fewer tasks or --limit")
     return plan
