@@ -117,3 +117,19 @@ def test_fp8_layouts_that_are_not_read_are_refused(tmp_path):
     plain = make_checkpoint(tmp_path / "plain", num_layers=1, hidden=64, intermediate=128)
     done = run_cli(*quick_args(plain, tmp_path / "out-plain", "--output-dtype", "bfloat16"))
     assert done.returncode == 2 and "converts an FP8 checkpoint's weights" in done.stderr, done.stderr
+
+
+def test_weights_not_a_multiple_of_the_block_use_the_partial_blocks_scale():
+    """DeepSeek-V3's kv_a_proj_with_mqa has 576 rows, 4.5 blocks of 128: its scales have 5 rows, the last for
+    the half block. Read as transformers' FP8 layers dequantize it (their backward's dequantization), and
+    quantized back with the same grid."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    from offload_prune.disk.fp8 import BlockFP8Weights
+    fp8 = BlockFP8Weights({"weight_block_size": [128, 128]}, {}, {}, torch.bfloat16)
+    weight = torch.randn(576, 300)
+    quantized, scales = fp8.quantize(weight)
+    assert quantized.shape == (576, 300) and scales.shape == (5, 3)
+    dense = fp8.convert({"weight": quantized, "weight_scale_inv": scales})
+    assert torch.equal(dense, _dequantize_fp8_weight(quantized, scales, [128, 128], torch.float32).to(torch.bfloat16))
+    assert (dense.float() - weight).abs().max() <= scales.max() * 32  # within half an FP8 step at the top

@@ -45,8 +45,7 @@ class BlockFP8Weights(ConvertedWeights):
                 raise OffloadPruneError(f"{name} is stored as float8_e4m3 without its {SCALE}: only block-scaled "
                                         "FP8 checkpoints are read")
             expected = self.grid(shapes[name])
-            if len(shapes[name]) != 2 or tuple(shapes[scale]) != expected or any(
-                    size % b for size, b in zip(shapes[name], self.block)):
+            if len(shapes[name]) != 2 or tuple(shapes[scale]) != expected:
                 raise OffloadPruneError(f"{scale} has shape {tuple(shapes[scale])} for a {tuple(shapes[name])} weight: "
                                         f"not the {self.block[0]}x{self.block[1]} block scales config.json names")
             self.parts[name] = {"weight": name, SCALE: scale}
@@ -56,19 +55,26 @@ class BlockFP8Weights(ConvertedWeights):
     def grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(math.ceil(size / b) for size, b in zip(shape, self.block))
 
+    def _blocks(self, weight: torch.Tensor) -> torch.Tensor:
+        """[grid rows, block rows, grid columns, block columns] float32 view of a weight, zero-padded where its
+        size is not a multiple of the block (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows: 4.5 blocks of 128)."""
+        rows, cols = weight.shape
+        (grid_rows, grid_cols), (block_rows, block_cols) = self.grid(weight.shape), self.block
+        padded = torch.nn.functional.pad(weight.to(torch.float32), (0, grid_cols * block_cols - cols,
+                                                                    0, grid_rows * block_rows - rows))
+        return padded.reshape(grid_rows, block_rows, grid_cols, block_cols)
+
     def convert(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        quantized, scales = parts["weight"].to(torch.float32), parts[SCALE].to(torch.float32)
-        rows, cols = quantized.shape
-        blocks = quantized.reshape(scales.shape[0], self.block[0], scales.shape[1], self.block[1])
-        return (blocks * scales[:, None, :, None]).reshape(rows, cols).to(self.dense_dtype)
+        rows, cols = parts["weight"].shape
+        dense = self._blocks(parts["weight"]) * parts[SCALE].to(torch.float32)[:, None, :, None]
+        return dense.flatten(0, 1).flatten(1, 2)[:rows, :cols].to(self.dense_dtype)
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(float8_e4m3 weight, float32 weight_scale_inv): each block's largest magnitude mapped to the largest
         FP8 value; a block of zeros gets scale 1 (its weights stay exactly zero, as pruning left them)."""
         rows, cols = weight.shape
-        (grid_rows, grid_cols), (block_rows, block_cols) = self.grid(weight.shape), self.block
-        blocks = weight.to(torch.float32).reshape(grid_rows, block_rows, grid_cols, block_cols)
+        blocks = self._blocks(weight)
         largest = blocks.abs().amax(dim=(1, 3))
         scales = torch.where(largest > 0, largest / FP8_MAX, torch.ones_like(largest))
         quantized = (blocks / scales[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        return quantized.reshape(rows, cols), scales
+        return quantized.flatten(0, 1).flatten(1, 2)[:rows, :cols].contiguous(), scales
