@@ -23,8 +23,9 @@ from .disk.checkpoint import CheckpointReader
 from .evaluation.perplexity import evaluation_windows
 from .evaluation.perplexity import perplexity as streamed_perplexity
 from .evaluation.tasks import evaluate_tasks as task_evaluation
-from .plan.memory import (device_free_bytes, device_total_bytes, load_config_only, memory_plan, per_rank, pick_dtype,
+from .plan.memory import (budgets, device_free_bytes, device_total_bytes, load_config_only, memory_plan, per_rank, pick_dtype,
                           resolve_activation_store)
+from .plan.expert_groups import resolve_expert_groups
 from .plan.micro_batch import resolve_micro_batch
 from .model.loading import load_tokenizer, pick_device
 from .model.skeleton import build_skeleton
@@ -81,6 +82,7 @@ def planned(config: PruneConfig, ranks: int = 1) -> tuple[PruneConfig, dict]:
                            process_bytes=process_bytes, shard_dtypes=shard_dtypes)
 
     share = Ranks(0, ranks).windows(config.nsamples)
+    config = resolve_expert_groups(config, plan_for, lambda plan: budgets(config, plan, device_free_bytes(device)))
     config = resolve_micro_batch(config, plan_for, share.stop - share.start, device.type, device_total_bytes(device))
     return resolve_activation_store(config, plan_for, device_free_bytes(device))
 

@@ -176,6 +176,9 @@ def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:
           help="also prune Mixture-of-Experts routers and shared-expert gates (dense by default)")
     _flag(parser, "expert-min-tokens", type=int, default=32,
           help="an expert routed fewer calibration tokens than this is pruned by magnitude (default 32)")
+    _flag(parser, "expert-group-size", type=_micro_batch, default="auto",
+          help="stream each Mixture-of-Experts block's routed experts this many at a time (default auto: only "
+               "when the memory plan cannot fit a whole block on the device)")
     _flag(parser, "hybrid-mlp-method", default="neuronrank_tfidf", choices=("neuronrank_tfidf", "neuronrank_old"),
           help="the MLP method of --prune_method hybrid (attention uses Wanda)")
 

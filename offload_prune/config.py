@@ -107,6 +107,8 @@ class PruneConfig:
     # Mixture-of-Experts
     prune_router: bool = False
     expert_min_tokens: int = 32
+    # Routed experts per group when a block streams expert group by expert group (auto: the plan decides).
+    expert_group_size: int | str = "auto"
     # Block-local reconstruction after the mask (reconstruct/): the kept weights trained so that the block's
     # output (block), or its attention's and its MLP's one after the other (sublayer), matches the target: the
     # dense block on the same inputs (dense-block) or the dense model's own stream (dense-stream).
@@ -182,6 +184,8 @@ class PruneConfig:
             raise OffloadPruneError(f"--nr-q-active must be in [0, 1), got {self.nr_q_active}")
         if self.expert_min_tokens < 1:
             raise OffloadPruneError(f"--expert-min-tokens must be >= 1, got {self.expert_min_tokens}")
+        if self.expert_group_size != "auto" and not (isinstance(self.expert_group_size, int) and self.expert_group_size >= 1):
+            raise OffloadPruneError(f"--expert-group-size must be auto or a number >= 1, got {self.expert_group_size!r}")
         if self.nr_tfidf_k < 1 or (self.pruning_last is not None and self.pruning_last < 1):
             raise OffloadPruneError("--nr-tfidf-k and --pruning_last must be >= 1")
         if self.nm is not None and self.prune_method == "sparsegpt" and self.blocksize % self.nm[1]:

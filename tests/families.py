@@ -43,6 +43,12 @@ FAMILIES = {
 EXTRA = {
     "jamba": ({**LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2,
                "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1}, "model.layers", ("router",)),
+    # DeepSeek-V3's shape: a dense first block, then blocks of routed experts (8, 3 per token), a shared expert
+    # and multi-head latent attention.
+    "deepseek_v3": ({**LLAMA_LIKE, "num_hidden_layers": 3, "num_key_value_heads": 4, "moe_intermediate_size": 32,
+                     "n_routed_experts": 8, "num_experts_per_tok": 3, "first_k_dense_replace": 1, "n_shared_experts": 1,
+                     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                     "v_head_dim": 8, "n_group": 1, "topk_group": 1}, "model.layers", ("mlp.gate",)),
 }
 DENSE = [f for f, (_, _, routers) in FAMILIES.items() if not routers]
 MIXTURE = [f for f, (_, _, routers) in FAMILIES.items() if routers]

@@ -145,6 +145,38 @@ def test_deepseek_v3_plans_each_kind_of_block_at_its_size(tmp_path):
     assert plan["host"]["phase"] == "prune" and plan["phases"]["write"]["host"] < 8 * GIB  # was 1,186 GiB
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_deepseek_v3_on_a_24gb_gpu_streams_its_experts_in_groups(tmp_path, method):
+    """The issue's goal: DeepSeek-V3's real config, 128 windows of 2048 on a GPU with --max-device-memory 22GiB
+    and --max-host-memory 48GiB. A whole expert block (22.5 GB in bf16) does not fit; the plan chooses expert
+    groups, and both peaks keep to their budgets."""
+    from transformers import DeepseekV3Config
+
+    from offload_prune.api import plan as plan_of
+    DeepseekV3Config(dtype="bfloat16").save_pretrained(tmp_path)
+    plan = plan_of(tmp_path, prune_method=method, device="cuda", nsamples=128, seqlen=2048,
+                   max_device_memory="22GiB", max_host_memory="48GiB", offload_activations="auto")
+    assert 1 <= plan["expert_group_size"] < 256
+    assert plan["device"]["peak"] <= 22 * GIB and plan["host"]["peak"] <= 48 * GIB
+    assert plan["phases"]["write"]["host_parts"]["outside_tensors"] < 2 * 129280 * 7168 * 2 * 1.01
+    whole = plan_of(tmp_path, prune_method=method, device="cuda", nsamples=128, seqlen=2048, micro_batch_size=1,
+                    offload_activations="disk", max_host_memory="1TiB")
+    assert whole["expert_group_size"] is None and whole["device"]["peak"] > 22 * GIB
+
+
+def test_a_device_budget_below_one_expert_at_a_time_is_refused_with_the_budget_that_fits(tmp_path, capsys):
+    from transformers import DeepseekV3Config
+
+    DeepseekV3Config(dtype="bfloat16").save_pretrained(tmp_path)
+    args = ["plan", "--model", str(tmp_path), "--prune_method", "wanda", "--device", "cuda", "--nsamples", "128",
+            "--seqlen", "2048", "--max-host-memory", "48GiB"]
+    assert main([*args, "--max-device-memory", "2GiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "even one expert at a time needs" in err and "device memory" in err, err
+    needed = err.split("give it at least ")[1].split(",")[0]
+    assert main([*args, "--max-device-memory", needed.replace(" ", "")]) == 0  # why groups: one whole block on the device is over the budget
+
+
 def test_a_many_expert_layer_never_holds_every_experts_hessian():
     """SparseGPT splits experts across calibration passes: a pass holds no more Hessians than the
     block's other matrices do (at least one expert), and the plan counts exactly that."""
@@ -174,12 +206,14 @@ def test_a_many_expert_layer_never_holds_every_experts_hessian():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
-@pytest.mark.parametrize("dense_first", [False, True])
-def test_mixture_of_experts_phases_within_the_plan(tmp_path, dense_first):
+@pytest.mark.parametrize("dense_first, groups", [(False, None), (True, None), (True, 4), (True, "auto")])
+def test_mixture_of_experts_phases_within_the_plan(tmp_path, dense_first, groups):
     """The same bound on a Mixture-of-Experts checkpoint in the hub's per-expert layout, whose experts
     are most of each block and are fused into 3-D parameters as each block loads. With `dense_first`,
     block 0 has a narrow dense MLP and the others experts 4x wider (DeepSeek-V3's shape): the plan sizes
-    each kind of block, not every block like the first (which measured 1.41x its plan in the prune phase)."""
+    each kind of block, not every block like the first (which measured 1.41x its plan in the prune phase). With
+    `groups`, the experts stream that many at a time (plan/expert_groups.py); `auto` under a host budget that
+    whole blocks (planned 0.75 GiB) do not fit chooses the largest group that does, and keeps to the budget."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from offload_prune.demo import byte_tokenizer, demo_text
@@ -194,13 +228,20 @@ def test_mixture_of_experts_phases_within_the_plan(tmp_path, dense_first):
     (model / "demo.txt").write_text(demo_text(seed=0))
     save = tmp_path / "out"
     result = run_cli("--model", model, "--save", save, "--prune_method", "wanda", "--calib-data", model / "demo.txt",
-                     "--nsamples", 8, "--seqlen", 256, "--quiet")
+                     "--nsamples", 8, "--seqlen", 256, "--quiet", *(["--expert-group-size", groups] if groups else []),
+                     *(["--max-host-memory", "650MiB"] if groups == "auto" else []))
     assert result.returncode == 0, result.stderr
     report = json.loads((save / "report.json").read_text())
     for phase, peaks in report["phase_peaks"].items():
         plan = report["memory_plan"]["phases"][phase]["host"]
         print(f"{phase}: planned {plan / 2**20:.0f} MiB, measured {peaks['host'] / 2**20:.0f} MiB")
         assert plan / 1.5 <= peaks["host"] <= plan * 1.10, phase
+    if groups == "auto":
+        assert 1 < report["memory_plan"]["expert_group_size"] < 16
+        assert report["memory_plan"]["host"]["peak"] <= 650 * 2**20
+    if groups == "auto":
+        assert 1 < report["memory_plan"]["expert_group_size"] < 16
+        assert report["memory_plan"]["host"]["peak"] <= 650 * 2**20
 
 
 @pytest.mark.parametrize("available_mib,chosen", [(64 * 1024, "ram"), (1, "disk")])

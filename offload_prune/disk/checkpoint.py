@@ -242,6 +242,7 @@ class ShardLayout:
             self.file_names.append(names)
         self.nbytes = nbytes
         self.total_size = sum(nbytes[name] for unit in units for name in unit)
+        self.group_units: dict[int, list[int]] = {}  # block -> units of its expert groups (stream/output.py)
 
     def weight_map(self) -> dict[str, str]:
         return {name: file for shards, files in zip(self.unit_shards, self.file_names)

@@ -181,6 +181,13 @@ class FollowerState(RunState):
         pass
 
 
+def recorded_fingerprint(save: Path | None) -> dict | None:
+    """The fingerprint of the run `save` holds (started or finished), or None: what a run resuming it
+    must resolve its `auto` choices to when they change the output's files."""
+    manifest = _read_manifest(save / RUN_DIR / MANIFEST) if save is not None else None
+    return manifest["fingerprint"] if manifest is not None else None
+
+
 def _read_manifest(path: Path) -> dict | None:
     """The manifest is replaced atomically, so it is whole or absent; anything else is not ours."""
     try:

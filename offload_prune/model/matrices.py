@@ -285,31 +285,39 @@ def _last_stage(matrices: dict[str, Matrix]) -> list[Matrix]:
 
 def _expert_hook(module: nn.Module, experts: dict[int, list[Matrix]], callback: Observe, weight_by_router: bool):
     parameters = list(inspect.signature(module.forward).parameters)
-    first, down = expert_params(module)
 
-    def project(x: torch.Tensor, param: str, e: int) -> torch.Tensor:
-        weight = getattr(module, param)[e]
-        y = x @ weight if module.is_transposed else nn.functional.linear(x, weight)
-        return y + getattr(module, f"{param}_bias")[e] if module.has_bias else y
-
-    @torch.no_grad()
     def hook(mod, args, kwargs):
         bound = dict(zip(parameters, args), **kwargs)
-        hidden, index, weights = (bound[p] for p in parameters[:3])
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        for e, members in experts.items():
-            token, slot = torch.where(index == e)
-            if token.numel() == 0:
-                continue
-            x = hidden[token]
-            scale = weights[token, slot].to(x.dtype)[:, None] if weight_by_router else None
-            wanted = {m.name.rsplit(".", 1)[-1]: m.name for m in members}
-            gate_up = project(x, first, e)
-            if first in wanted:
-                callback(wanted[first], x if scale is None else x * scale, gate_up if scale is None
-                         else project(x * scale, first, e))
-            if down in wanted:
-                h = module._apply_gate(gate_up) if module.has_gate else module.act_fn(gate_up)
-                callback(wanted[down], h if scale is None else h * scale,
-                         project(h if scale is None else h * scale, down, e))
+        feed_experts(module, experts, callback, weight_by_router, *(bound[p] for p in parameters[:3]))
     return hook
+
+
+@torch.no_grad()
+def feed_experts(module: nn.Module, experts: dict[int, list[Matrix]], callback: Observe, weight_by_router: bool,
+                 hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, first: int = 0) -> None:
+    """Hand each expert's matrices the inputs (and outputs) of the tokens routed to it, from one call of the
+    experts module: `hidden` states, routing `index` and `weights`. `module` holds the experts from `first` on
+    (a group of them, expert_groups.py; all by default)."""
+    first_param, down = expert_params(module)
+
+    def project(x: torch.Tensor, param: str, e: int) -> torch.Tensor:
+        weight = getattr(module, param)[e - first]
+        y = x @ weight if module.is_transposed else nn.functional.linear(x, weight)
+        return y + getattr(module, f"{param}_bias")[e - first] if module.has_bias else y
+
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    for e, members in experts.items():
+        token, slot = torch.where(index == e)
+        if token.numel() == 0:
+            continue
+        x = hidden[token]
+        scale = weights[token, slot].to(x.dtype)[:, None] if weight_by_router else None
+        wanted = {m.name.rsplit(".", 1)[-1]: m.name for m in members}
+        gate_up = project(x, first_param, e)
+        if first_param in wanted:
+            callback(wanted[first_param], x if scale is None else x * scale, gate_up if scale is None
+                     else project(x * scale, first_param, e))
+        if down in wanted:
+            h = module._apply_gate(gate_up) if module.has_gate else module.act_fn(gate_up)
+            callback(wanted[down], h if scale is None else h * scale,
+                     project(h if scale is None else h * scale, down, e))

@@ -25,7 +25,7 @@ from ..disk.tensormap import TensorMap
 from ..runtime.activations import may_copy_asynchronously
 from ..runtime.hostmem import heap_for_temporaries
 from ..runtime.overlap import ReadAhead
-from .matrices import BlockStopped
+from .matrices import BlockStopped, is_experts
 
 
 class _StopForward(Exception):
@@ -95,6 +95,9 @@ def build_skeleton(model_config) -> tuple[nn.Module, str, nn.ModuleList]:
     except ValueError as exc:
         raise OffloadPruneError(f"unsupported architecture {type(model_config).__name__}: "
                                 f"{str(exc).splitlines()[0]}") from None
+    if any(is_experts(module) for module in model.modules()):
+        # The stream computes experts with transformers' eager loop (expert_groups.py says why).
+        model.set_experts_implementation("eager")
     n = getattr(model.config, "num_hidden_layers", None)
     # The decoder layers: the list of num_hidden_layers modules holding most of the weights
     # (model.layers, transformer.h, gpt_neox.layers, model.decoder.layers, ...).
@@ -133,6 +136,7 @@ class StreamedModel:
         self._head_groups = self._head_groups_of()
         self._recorded: dict[int, dict] = {}
         self._layer0_inputs: list[torch.Tensor] = []
+        self._held_back: dict[int, set[int]] = {}  # block -> ids of groups left on disk (experts streamed apart)
 
     # -- structure -------------------------------------------------------------------------
     def _head_groups_of(self) -> list:
@@ -191,11 +195,20 @@ class StreamedModel:
                 if leaf in module._parameters and not getattr(module, leaf).is_meta:
                     set_module_tensor_to_device(self.model, name, "meta")
 
+    def hold_back(self, index: int, params: list[str]) -> None:
+        """Leave these parameters of block `index` on the meta device when it loads, and their tensors out of
+        its read-ahead and its written tensors: a block's experts, streamed group by group (expert_groups.py)."""
+        self._held_back[index] = {id(self.tensormap.group_of[p]) for p in params}
+
+    def _kept_groups(self, index: int) -> list:
+        held = self._held_back.get(index, set())
+        return [g for g in self._block_groups[index] if id(g) not in held]
+
     def _loaded_names(self, index: int) -> list[str]:
-        return [s for g in self._block_groups[index] for s in g.sources]
+        return [s for g in self._kept_groups(index) for s in g.sources]
 
     def load_block(self, index: int) -> nn.Module:
-        block, prefix, groups = self.layers[index], self.block_prefix(index), self._block_groups[index]
+        block, prefix, groups = self.layers[index], self.block_prefix(index), self._kept_groups(index)
         tensors = self._ahead.take(index, self._loaded_names(index))
         if index + 1 < self.num_layers:
             self._ahead.start(index + 1, self._loaded_names(index + 1))
@@ -203,7 +216,8 @@ class StreamedModel:
             params = self.tensormap.to_params([group], {s: tensors.pop(s) for s in group.sources})
             self._materialise(block, {n[len(prefix):]: t for n, t in params.items()})
             del params
-        unloaded = [n for n, p in block.named_parameters() if p.is_meta]
+        held = {p for g in self._block_groups[index] if g not in groups for p in g.params}
+        unloaded = [n for n, p in block.named_parameters() if p.is_meta and prefix + n not in held]
         if unloaded:  # e.g. a parameter of this block loaded from a tensor stored with another one
             raise OffloadPruneError(f"{prefix}{unloaded[0]} has no tensor of its own in block {index} of the "
                                     "checkpoint: this model cannot be streamed block by block")
@@ -228,8 +242,8 @@ class StreamedModel:
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """The block's tensors under their checkpoint names, in their stored dtypes, on the CPU."""
-        block, prefix, groups = self.layers[index], self.block_prefix(index), self._block_groups[index]
-        state = {prefix + n: t.detach() for n, t in block.state_dict().items()}
+        block, prefix, groups = self.layers[index], self.block_prefix(index), self._kept_groups(index)
+        state = {prefix + n: t.detach() for n, t in block.state_dict().items() if not t.is_meta}
         tensors = self.tensormap.to_checkpoint(groups, state)
         out = {name: tensors[name].to("cpu", self.reader.dtypes[name]) for name in tensors}
         out.update(self.reader.read(self.tensormap.unused_under(prefix)))  # copied as they are

@@ -36,6 +36,7 @@ from ..basics import format_bytes
 from ..config import OffloadPruneError, PruneConfig
 from ..disk.checkpoint import CheckpointReader
 from ..disk.durable import DIRECT_STAGING_BYTES
+from ..disk.fp8 import fp8_config
 from ..methods import build_method
 from ..model.matrices import describe, find_matrices
 from ..model.selection import selected_matrices
@@ -46,6 +47,7 @@ from ..reconstruct import reconstruction_bytes
 from ..runtime.activations import STAGING_BYTES, pinned_bytes
 from ..runtime.distributed import Ranks
 from ..runtime.masks import chunk_workspace_bytes
+from .expert_groups import experts_numel, grouped_prune_steps, held_numel, largest_written
 
 #: RSS of the Python process with torch and transformers imported, measured on CPU (report.json of
 #: tiny runs: 0.37-0.40 GiB); rounded up. A run uses its own measured RSS instead.
@@ -118,7 +120,7 @@ def block_kinds(layers) -> list[tuple[nn.Module, int]]:
 
 def kind_steps(config: PruneConfig, model_config, block: nn.Module, matrices: dict, chosen: dict, method: dict,
                compute: torch.dtype, stored: torch.dtype, device_type: str, micro_batch: int, ahead: dict,
-               behind: dict) -> dict[str, list[tuple[dict, dict]]]:
+               behind: dict, pruning_method=None) -> dict[str, list[tuple[dict, dict]]]:
     """The steps of each phase that holds one block of this kind, as (device parts, host-only parts)."""
     block_numel = sum(p.numel() for p in block.parameters())
     largest_in_block = max(p.numel() for p in block.parameters())
@@ -126,8 +128,9 @@ def kind_steps(config: PruneConfig, model_config, block: nn.Module, matrices: di
     # Per-expert tensors fused into a 3-D parameter on load: the stacked and the concatenated copy of
     # the largest one exist together for a moment (transformers' MergeModulelist, then Concatenate).
     fused = any(p.dim() == 3 for p in block.parameters())
+    fp8 = fp8_config(model_config) is not None  # read as stored (one byte a weight), then dequantized
     stored_loading = {"stored_block": block_stored, **({"expert_fusion": 2 * largest_in_block * stored.itemsize}
-                                                       if fused else {})}
+                                                       if fused else {}), **({"fp8_stored": block_numel} if fp8 else {})}
     # One tensor's contiguous copy (of a strided view) and the buffer a shard is written through.
     serialized = largest_in_block * stored.itemsize + DIRECT_STAGING_BYTES
     steps = {
@@ -149,6 +152,9 @@ def kind_steps(config: PruneConfig, model_config, block: nn.Module, matrices: di
                    {"stored_block": block_stored, "serialized_tensor": serialized, **ahead})],
         "eval": [({"block_weights": block_compute, "micro_batch": micro_batch}, stored_loading)],
     }
+    if config.expert_group_size != "auto" and experts_numel(block)[0]:
+        steps["prune"] = grouped_prune_steps(config, model_config, block, chosen, pruning_method, compute, stored, fp8,
+                                             device_type, micro_batch, ahead, behind)
     if config.reconstruct != "off":
         for recon in reconstruction_bytes(config, block, matrices, compute, RECON_BACKWARD_FACTOR * micro_batch_bytes(
                 config, model_config, 4), micro_batch):
@@ -191,8 +197,9 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     # --overlap-io: the next block's stored tensors are read while a block loads and computes, and the
     # previous block's stored copy is still being written while this one loads and collects statistics; either
     # may be of another kind than this one, so the largest kind stands for them.
-    largest_stored = max(sum(p.numel() for p in b.parameters()) for b, _ in kinds) * stored.itemsize
-    largest_serialized = max(max(p.numel() for p in b.parameters()) for b, _ in kinds) * stored.itemsize
+    group_size = config.expert_group_size if config.expert_group_size != "auto" else None
+    largest_stored = max(held_numel(b, group_size) for b, _ in kinds) * stored.itemsize
+    largest_serialized = max(largest_written(b, group_size) for b, _ in kinds) * stored.itemsize
     ahead = {"next_block_read": largest_stored} if config.overlap_io else {}
     behind = ({"previous_block_written": largest_stored + largest_serialized + DIRECT_STAGING_BYTES}
               if config.overlap_io else {})
@@ -222,7 +229,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         method = pruning_method.memory_bytes(chosen, compute, device_type)
         methods.append(method)
         for name, steps in kind_steps(config, model_config, block, matrices, chosen, method, compute, stored,
-                                      device_type, micro_batch, ahead, behind).items():
+                                      device_type, micro_batch, ahead, behind, pruning_method).items():
             phases[name].extend(steps)
     method = {key: max(m[key] for m in methods) for key in methods[0]}
     device_plan, host_plan = {}, {}
@@ -264,7 +271,9 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     host_phase = max(host_plan, key=lambda p: host_plan[p]["peak"])
     return {"device_type": device_type, "compute_dtype": str(compute).replace("torch.", ""),
             "stored_dtype": str(stored).replace("torch.", ""), "num_layers": len(layers),
-            "method": dict(method), "activation_cache_bytes": cache, "activation_store": config.offload_activations, "eval_windows": eval_windows,
+            "method": dict(method), "activation_cache_bytes": cache,
+            "largest_experts": max(experts_numel(b)[0] for b, _ in kinds),
+            "expert_group_size": config.expert_group_size if config.expert_group_size != "auto" else None, "activation_store": config.offload_activations, "eval_windows": eval_windows,
             "phases": {name: {"device": device_plan[name]["peak"], "host": host_plan[name]["peak"],
                               "device_parts": device_plan[name], "host_parts": host_plan[name]}
                        for name in device_plan},
@@ -290,9 +299,7 @@ def resolve_activation_store(config: PruneConfig, plan_for: Callable[[PruneConfi
         return config, plan_for(config)
     in_ram = config.replaced(offload_activations="ram")
     plan = plan_for(in_ram)
-    limit = config.max_host_memory or plan["phases"]["calibration"]["host_parts"]["process"] + int(
-        0.9 * psutil.virtual_memory().available)
-    device_limit = config.max_device_memory or (int(0.9 * device_free) if device_free is not None else None)
+    device_limit, limit = budgets(config, plan, device_free)
     if plan["device_type"] != "cpu" and device_limit is not None:
         on_device = config.replaced(offload_activations="device")
         device_plan = plan_for(on_device)
@@ -302,6 +309,17 @@ def resolve_activation_store(config: PruneConfig, plan_for: Callable[[PruneConfi
         return in_ram, plan
     on_disk = config.replaced(offload_activations="disk")
     return on_disk, plan_for(on_disk)
+
+
+def budgets(config: PruneConfig, plan: dict, device_free: int | None) -> tuple[int | None, int]:
+    """(device limit, host limit) a run chooses its options within: --max-device-memory, or else 90 % of the
+    GPU's free memory (None on the CPU, or where it is not known), and --max-host-memory, or else what the
+    process holds now plus 90 % of the memory the system has available."""
+    host = config.max_host_memory or plan["phases"]["calibration"]["host_parts"]["process"] + int(
+        0.9 * psutil.virtual_memory().available)
+    if plan["device_type"] == "cpu":
+        return None, host
+    return config.max_device_memory or (int(0.9 * device_free) if device_free is not None else None), host
 
 
 def device_free_bytes(device: torch.device) -> int | None:
@@ -329,7 +347,8 @@ def check_budget(plan: dict, config: PruneConfig) -> None:
                 + ("try --offload-activations disk or fewer --nsamples" if where == "host"
                    else "try --reconstruct sublayer, a smaller --micro-batch-size or --seqlen"
                    if config.reconstruct == "block" and biggest.startswith("recon")
-                   else "try --true-sequential, a smaller --micro-batch-size or --seqlen"))
+                   else "try a smaller --expert-group-size, --micro-batch-size or --seqlen"
+                   if biggest.startswith("group") else "try --true-sequential, a smaller --micro-batch-size or --seqlen"))
 
 
 
@@ -337,7 +356,9 @@ def check_budget(plan: dict, config: PruneConfig) -> None:
 def format_plan(plan: dict, model: str) -> str:
     lines = [f"memory plan for {model}: {plan['num_layers']} blocks, compute on {plan['device_type']} in "
              f"{plan['compute_dtype']} (stored {plan['stored_dtype']}); calibration activations "
-             f"{format_bytes(plan['activation_cache_bytes'])} {STORE_WORDS[plan['activation_store']]}"]
+             f"{format_bytes(plan['activation_cache_bytes'])} {STORE_WORDS[plan['activation_store']]}"
+             + (f"; routed experts streamed {plan['expert_group_size']} at a time" if plan.get("expert_group_size")
+                else "")]
     for where in ("device", "host"):
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in plan[where].items() if k not in ("peak", "phase"))
         lines.append(f"  {where:<6} peak {format_bytes(plan[where]['peak']):>10} in {plan[where]['phase']}  ({parts})")

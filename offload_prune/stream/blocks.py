@@ -3,23 +3,23 @@ next block, and written and committed behind the next block's work.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import PruneConfig
 from ..disk import durable
-from ..methods import PruningMethod
 from ..model.matrices import Matrix, find_matrices, other_weights
 from ..model.selection import selected_matrices
 from ..model.skeleton import run_windows
 from ..runtime.hostmem import release_free_memory
-from ..runtime.masks import zero_lowest
+from .expert_blocks import GROUPS_DONE, prune_in_groups, standing_in, streaming_written
 from .output import fp8_stored, fp8_written
 from .owl_pass import measure_outliers
 from .passes import LAYER_KWARGS, Run, advance_inputs, capture, collect
+from .solving import prune_members
 from .quantization import BlockQuantizer
 from .reconstruction import BlockReconstruction
 from .report import module_stats
@@ -60,18 +60,26 @@ def prune_blocks(run: Run, windows: torch.Tensor) -> None:
 def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor,
                  reconstruction: BlockReconstruction | None, quantizer: BlockQuantizer | None) -> torch.Tensor:
     """Load, collect, prune, (reconstruct, quantize,) propagate, write and commit block `index`; returns
-    the next block's inputs."""
+    the next block's inputs. A block in expert groups (expert_blocks.py) commits its groups on the way."""
     config, device = run.config, run.device
+    grouped = run.expert_groups.get(index)
     block = run.streamed.load_block(index)
     matrices = find_matrices(block)
-    run.described.describe(block, matrices, lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
+    with standing_in(grouped) if grouped else contextlib.nullcontext():
+        run.described.describe(block, matrices,
+                               lambda: run_windows(block, layer_kwargs, inputs[:1], None, 1, device))
     chosen = selected_matrices(matrices, index, run.streamed.num_layers, config)
     sparsity = run.block_sparsity(index)
     if quantizer is not None:
         quantizer.begin(index)
     if reconstruction is not None:
         reconstruction.before_mask(index, block, layer_kwargs, inputs)
-    method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs, sparsity) if chosen else {}
+    if grouped:
+        method_info = prune_in_groups(run, index, grouped, block, matrices, chosen, layer_kwargs, inputs, sparsity)
+        matrices = {n: m for n, m in matrices.items() if m.expert is None}  # the groups are committed
+        chosen = {n: m for n, m in chosen.items() if m.expert is None}
+    else:
+        method_info = _prune_matrices(run, block, chosen, layer_kwargs, inputs, sparsity) if chosen else {}
     reconstructed = (reconstruction.after_mask(index, block, matrices, layer_kwargs, inputs)
                      if reconstruction is not None and chosen else None)
     quantized = quantizer.quantize(index, block, matrices, layer_kwargs, inputs) if quantizer is not None else None
@@ -80,8 +88,9 @@ def _prune_block(run: Run, index: int, layer_kwargs: dict, inputs: torch.Tensor,
     # the inputs, which it persists, and its durable steps stay in order before this block's.
     run.writer.wait()
     if not last:  # the last block's outputs feed nothing
-        run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size, device,
-                    run.store.written)
+        with streaming_written(run, grouped) if grouped else contextlib.nullcontext():
+            run_windows(block, layer_kwargs, inputs, run.store.output_buffer(index + 1), config.micro_batch_size,
+                        device, run.store.written)
     pruned_inputs = dict if last else advance_inputs(run, index + 1)
     dense_inputs = reconstruction.next_inputs(index) if reconstruction is not None else dict
     if run.ranks.lead:  # the other ranks write nothing and report nothing
@@ -108,7 +117,7 @@ def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, M
     modules = {prefix + n: {**stats[n], "rule": run.method.rule(n), **method_info.get(n, {})} for n in chosen}
     unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
     unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
-                     for n, w in other_weights(block, matrices).items()})
+                     for n, w in other_weights(block, matrices).items() if not w.is_meta})  # meta: expert groups
     tensors = fp8_stored(fp8_written(run.reader, config), run.streamed.block_tensors(index))
     if quantized is not None:  # each quantized weight stored as its packed parts
         parts, quantization = quantized
@@ -126,7 +135,7 @@ def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, M
         run_files = {LAYER_KWARGS: state.run_file_record(LAYER_KWARGS), **next_inputs()}
         state.commit(outputs=outputs, stage=index, run_files=run_files, completed_blocks=index + 1,
                      modules={**state.modules, **modules}, unpruned={**state.manifest["unpruned"], **unpruned},
-                     **reconstruction)
+                     **reconstruction, **{GROUPS_DONE: {}})
 
     run.writer.submit(commit_block)
 
@@ -144,55 +153,5 @@ def _prune_matrices(run: Run, block: nn.Module, chosen: dict[str, Matrix], layer
             method.start_pass(calibration_pass)
             collect(method, block, members, layer_kwargs, inputs, config, device,
                      tokens if calibration_pass == 0 else None)
-        if run.ranks.world > 1 and method.needs_calibration:
-            tokens = run.ranks.sum_counts(tokens, list(members))
-            method.reduce_statistics(run.ranks, members)
-        starved = _starved(members, tokens, config) if method.needs_calibration else {}
-        if starved:
-            method_info.update(_prune_by_magnitude(method, starved, tokens, config, sparsity))
-        rest = {n: m for n, m in members.items() if n not in starved}
-        if rest:
-            method_info.update(_solve(run, rest, sparsity))
-        for name in members:  # what each expert was pruned from
-            if members[name].expert is not None and tokens:
-                method_info.setdefault(name, {})["routed_tokens"] = tokens.get(name, 0)
+        method_info.update(prune_members(run, members, tokens, sparsity))
     return method_info
-
-
-def _solve(run: Run, linears: dict[str, Matrix], sparsity: float) -> dict[str, dict]:
-    """The method's prune. Across ranks each rank solves the units dealt to it, forgetting the others'
-    statistics, and every pruned matrix is then broadcast from the rank that solved it."""
-    method, ranks = run.method, run.ranks
-    if ranks.world == 1:
-        return method.prune(linears, sparsity)
-    units = method.solve_units(list(linears))
-    owners = ranks.deal(units, lambda name: linears[name].weight.numel() * linears[name].in_features)
-    mine = {name: linears[name] for unit, owner in zip(units, owners) if owner == ranks.rank for name in unit}
-    method.discard([name for name in linears if name not in mine])
-    info = method.prune(mine, sparsity) if mine else {}
-    for unit, owner in zip(units, owners):
-        for name in unit:
-            ranks.share(linears[name].weight, owner)
-            if linears[name].bias is not None:  # ria's permutation reorders biases
-                ranks.share(linears[name].bias, owner)
-    return {name: item for part in ranks.gather(info) for name, item in part.items()}
-
-
-def _starved(members: dict[str, Matrix], tokens: dict[str, int], config: PruneConfig) -> dict[str, Matrix]:
-    """Experts routed fewer than --expert-min-tokens calibration tokens, and any matrix the block's
-    forward never fed (Mamba's dt_proj is read as a weight, not called)."""
-    return {n: m for n, m in members.items()
-            if tokens.get(n, 0) < (config.expert_min_tokens if m.expert is not None else 1)}
-
-
-@torch.no_grad()
-def _prune_by_magnitude(method: PruningMethod, starved: dict[str, Matrix], tokens: dict[str, int],
-                        config: PruneConfig, sparsity: float) -> dict[str, dict]:
-    """Matrices with (almost) no calibration statistics: pruned by magnitude instead (one threshold per
-    matrix, as --prune_method magnitude)."""
-    method.discard(list(starved))
-    for matrix in starved.values():
-        zero_lowest(matrix.weight, lambda rows, w=matrix.weight: w[rows].float().abs(), sparsity, config.nm,
-                    per_row=False)
-    return {n: {"rule": "magnitude", "calibration_tokens": tokens.get(n, 0),
-                "fallback": "few routed tokens" if m.expert is not None else "never fed"} for n, m in starved.items()}

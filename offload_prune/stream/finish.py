@@ -57,6 +57,10 @@ def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, d
                                 "key_value_groups": [[before, after] for before, after in sorted(groups.items())],
                                 "params_before": sum(math.prod(shape) for shape in run.reader.shapes.values()),
                                 "params_after": params_after}
+    if run.expert_groups:
+        report["expert_groups"] = {"size": config.expert_group_size,
+                                   "groups": {i: len(g.bounds) for i, g in run.expert_groups.items()},
+                                   "seconds_per_group": run.group_seconds}  # read, statistics, prune, handed to write
     if config.reconstruct != "off":
         blocks = state.manifest.get("reconstruction", {})
         report["reconstruction"] = {"mode": config.reconstruct, "target": config.recon_target,

@@ -6,6 +6,7 @@ import json
 import math
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..config import OffloadPruneError, PruneConfig
@@ -41,17 +42,20 @@ def fp8_stored(fp8: BlockFP8Weights | None, tensors: dict[str, torch.Tensor]) ->
 
 
 def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] | None = None,
-                  grid: Grid | None = None, fp8: BlockFP8Weights | None = None) -> ShardLayout:
+                  grid: Grid | None = None, fp8: BlockFP8Weights | None = None,
+                  expert_groups: dict[int, list[list[str]]] | None = None) -> ShardLayout:
     """Unit 0: the tensors outside the blocks; unit 1 + j: output block j (input block kept[j], all by
     default), under its new number; with a quantization `grid`, each block's Linear weights as their
-    packed parts (sized as at most what they will take); with `fp8`, each FP8 weight beside its scales."""
+    packed parts (sized as at most what they will take); with `fp8`, each FP8 weight beside its scales.
+    `expert_groups` (block: checkpoint names of each expert group) takes each group out of its block into
+    a unit of its own, after all the blocks (`layout.group_units[block]`), written as the group is pruned."""
     reader = streamed.reader
     nbytes = {n: reader.nbytes(n) for n in streamed.outside_names}
     outside_names = list(streamed.outside_names)
     if head and head.name not in reader.weight_map:  # tied: the pruned head becomes a tensor of its own
         outside_names.append(head.name)
         nbytes[head.name] = reader.nbytes(head.source)
-    units = [outside_names]
+    units, group_units = [outside_names], []
     for new, old in enumerate(range(streamed.num_layers) if kept is None else kept):
         names = {renumbered(n, old, new) if new != old else n: n for n in streamed.block_names(old)}
         nbytes.update({name: reader.nbytes(source) for name, source in names.items()})
@@ -60,14 +64,42 @@ def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] 
                 del names[weight], nbytes[weight]
                 names.update(dict.fromkeys(parts))
                 nbytes.update(parts)
-        units.append(list(names))
-        for name, source in list(names.items()) if fp8 is not None else ():
-            if source in fp8.parts:
-                scale = name[:-len("weight")] + SCALE
-                units[-1].append(scale)
-                nbytes[name] = math.prod(reader.shapes[source])
-                nbytes[scale] = math.prod(fp8.grid(reader.shapes[source])) * 4
-    return ShardLayout(units, nbytes, reader.max_shard_bytes())
+        groups = (expert_groups or {}).get(old, [])
+        in_groups = {name for group in groups for name in group}
+        block_units = [[n for n in names if n not in in_groups], *groups]
+        for unit in block_units if fp8 is not None else ():
+            for name in list(unit):
+                if names[name] in fp8.parts:
+                    scale = name[:-len("weight")] + SCALE
+                    unit.append(scale)
+                    nbytes[name] = math.prod(reader.shapes[names[name]])
+                    nbytes[scale] = math.prod(fp8.grid(reader.shapes[names[name]])) * 4
+        units.append(block_units[0])
+        group_units.append((old, block_units[1:]))
+    layout_units = list(units)
+    numbers: dict[int, list[int]] = {}
+    for old, groups in group_units:
+        numbers[old] = list(range(len(layout_units), len(layout_units) + len(groups)))
+        layout_units += groups
+    layout = ShardLayout(layout_units, nbytes, reader.max_shard_bytes())
+    layout.group_units = numbers
+    return layout
+
+
+def read_written(run: Run, names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors this run has written (under the input's names), read back from the output folder as the
+    input's reader reads them: FP8 weights dense, beside no scale."""
+    fp8, files = fp8_written(run.reader, run.config), run.layout.weight_map()
+    out = {}
+    for name in names:
+        parts = fp8.parts[name] if fp8 is not None and name in fp8.parts else {"weight": name}
+        stored = {}
+        for part, stored_name in parts.items():
+            written = name[:-len("weight")] + part if part != "weight" else name
+            with safe_open(run.state.save / files[written], framework="pt", device="cpu") as handle:
+                stored[part] = handle.get_tensor(written)
+        out[name] = fp8.convert(stored) if len(parts) > 1 else stored["weight"]
+    return out
 
 
 def packed_parts(streamed: StreamedModel, index: int, grid: Grid) -> dict[str, dict[str, int]]:

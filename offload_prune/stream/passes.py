@@ -47,6 +47,8 @@ class Run:
     writer: Behind  # writes and commits a pruned block while the next one computes
     ranks: Ranks  # the torchrun processes sharing the calibration windows (one by default)
     described: DescribedBlocks = field(default_factory=DescribedBlocks)  # roles probed once per kind of block
+    expert_groups: dict = field(default_factory=dict)  # block -> its GroupedBlock, streamed in expert groups
+    group_seconds: dict = field(default_factory=dict)  # block -> seconds each expert group this process pruned took
 
     def block_sparsity(self, index: int) -> float:
         return (self.given_sparsities or self.state.manifest["layer_sparsity"])[index]
@@ -117,16 +119,23 @@ def dense_pass(run: Run, key: str, desc: str, start_measuring) -> list[dict]:
     return measured
 
 
-def collect(method, block: nn.Module, matrices: dict[str, Matrix], kwargs: dict, inputs: torch.Tensor,
-             config: PruneConfig, device: torch.device, tokens: dict[str, int] | None = None) -> None:
-    """One pass of the calibration windows through the block with the method's statistics hooked in;
-    `tokens` (when given) counts the tokens each matrix saw (an expert: those routed to it)."""
+def counting(method, tokens: dict[str, int] | None) -> Callable[[str, torch.Tensor, torch.Tensor], None]:
+    """The method's add_batch, counting in `tokens` (when given) the tokens each matrix saw."""
     def observe_batch(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         if tokens is not None:
             tokens[name] = tokens.get(name, 0) + x.numel() // x.shape[-1]
         method.add_batch(name, x, y)
+    return observe_batch
 
-    handles = observe(matrices, observe_batch, method.weights_by_router, inputs_only=not method.reads_outputs)
+
+def collect(method, block: nn.Module, matrices: dict[str, Matrix], kwargs: dict, inputs: torch.Tensor,
+             config: PruneConfig, device: torch.device, tokens: dict[str, int] | None = None,
+             whole_forward: bool = False) -> None:
+    """One pass of the calibration windows through the block with the method's statistics hooked in;
+    `tokens` (when given) counts the tokens each matrix saw (an expert: those routed to it). The forward
+    stops once the last matrix has its input, where the method reads no outputs, unless `whole_forward`."""
+    handles = observe(matrices, counting(method, tokens), method.weights_by_router,
+                      inputs_only=not method.reads_outputs and not whole_forward)
     try:
         run_windows(block, kwargs, inputs, None, config.micro_batch_size, device)
     finally:

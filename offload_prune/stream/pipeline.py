@@ -27,14 +27,15 @@ from ..data.calibration import calibration_windows
 from ..disk.checkpoint import CheckpointReader
 from ..disk.diskspace import check_disk_space, disk_full_message
 from ..disk.durable import DiskFullError
-from ..disk.runstate import FollowerState, RunState, check_output_folder
+from ..disk.runstate import FollowerState, RunState, check_output_folder, recorded_fingerprint
 from ..evaluation.perplexity import evaluation_windows
 from ..evaluation.tasks import check_tasks
 from ..methods import PruningMethod, build_method
 from ..model.lm_head import LmHead
 from ..model.loading import load_tokenizer, pick_device
 from ..model.skeleton import StreamedModel
-from ..plan.memory import (check_budget, device_free_bytes, device_total_bytes, memory_plan, pick_dtype,
+from ..plan.expert_groups import resolve_expert_groups
+from ..plan.memory import (budgets, check_budget, device_free_bytes, device_total_bytes, memory_plan, pick_dtype,
                            per_rank, resolve_activation_store)
 from ..plan.micro_batch import resolve_micro_batch
 from ..quantize.grid import Grid
@@ -48,6 +49,7 @@ from ..surgery.heads import heads_setting
 from ..surgery.layer_sparsity import ratios_from_file
 from ..surgery.neurons import width_setting
 from .blocks import prune_blocks
+from .expert_blocks import GroupedBlock, grouped_blocks
 from .finish import REPORT_NAME, evaluate_and_report
 from .output import fp8_written, output_layout, write_outside
 from .passes import Run
@@ -113,10 +115,19 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
                            shard_dtypes=reader.dtypes.values())
 
     asked_micro_batch = config.micro_batch_size
+    asked_groups = config.expert_group_size
+    recorded = recorded_fingerprint(config.save) or {}
+    if asked_groups == "auto" and "expert_group_size" in recorded:  # a resumed run keeps its groups, or none
+        config = config.replaced(expert_group_size=recorded["expert_group_size"] or "auto")
+    else:
+        config = resolve_expert_groups(config, plan_for, lambda plan: budgets(config, plan, device_free_bytes(device)))
     config = resolve_micro_batch(config, plan_for, len(windows[own_windows]), device.type, device_total_bytes(device))
     config, plan = resolve_activation_store(config, plan_for, device_free_bytes(device))
     if asked_micro_batch == "auto" and device.type != "cpu" and not config.quiet:
         print(f"--micro-batch-size auto: {config.micro_batch_size}", file=sys.stderr)
+    if asked_groups == "auto" and config.expert_group_size != "auto" and not config.quiet:
+        print(f"--expert-group-size auto: {config.expert_group_size} (a whole expert block does not fit)",
+              file=sys.stderr)
     if asked == "auto" and not config.quiet:
         print(f"--offload-activations auto: {config.offload_activations} (device plan "
               f"{plan['device']['peak'] / 2**30:.2f} GiB, host plan {plan['host']['peak'] / 2**30:.2f} GiB)",
@@ -129,8 +140,10 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
     else:
         given_sparsities = ratios_from_file(config.layer_sparsity, streamed.num_layers)
     head = LmHead(streamed) if config.nr_prune_lm_head else None
+    expert_groups = _expert_groups(config, streamed, ranks, method)
     layout = output_layout(streamed, head, grid=Grid.of(config) if config.quantize != "off" else None,
-                           fp8=fp8_written(reader, config))
+                           fp8=fp8_written(reader, config),
+                           expert_groups={index: grouped.names() for index, grouped in expert_groups.items()})
     activation_shape = (len(windows), config.seqlen, reader.config.hidden_size)
     activation_bytes = math.prod(activation_shape) * dtype.itemsize
     check_disk_space(config.save, layout, activation_bytes)
@@ -139,6 +152,8 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
         fingerprint["layer_sparsities"] = given_sparsities  # a file's ratios by content, not by its path
     if ranks.world > 1:  # each rank's activation files hold its share of the windows
         fingerprint["ranks"] = ranks.world
+    # The same weights in other shards: a resumed run with --expert-group-size auto takes the recorded size.
+    fingerprint["expert_group_size"] = config.expert_group_size if expert_groups else None
     state = _run_state(config, reader, fingerprint, streamed.num_layers, ranks)
     writer = Behind(config.overlap_io, "block-writer")
     try:
@@ -147,7 +162,7 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
         store = ActivationStore(state.dir, (len(windows[own_windows]), *activation_shape[1:]), dtype,
                                 config.offload_activations, device, tag=ranks.tag())
         run = Run(config, reader, device, streamed, method, state, layout, store, head, meter, given_sparsities,
-                  config_changes, writer, ranks)
+                  config_changes, writer, ranks, expert_groups=expert_groups)
         resumed = state.started
         try:
             try:
@@ -175,6 +190,18 @@ def _check_ranks(ranks: Ranks, method: PruningMethod, config: PruneConfig) -> No
     if ranks.world > 1 and config.quant_joint:
         raise OffloadPruneError("--quant-joint does not run across torchrun ranks yet (GPTQ after the mask does); "
                                 "run it in one process")
+
+
+def _expert_groups(config: PruneConfig, streamed: StreamedModel, ranks: Ranks,
+                   method: PruningMethod) -> dict[int, GroupedBlock]:
+    """The blocks streamed in expert groups (--expert-group-size), refused where that does not run yet."""
+    if config.expert_group_size == "auto" or method.removes_blocks:
+        return {}
+    for what, used in (("torchrun ranks", ranks.world > 1), ("--reconstruct", config.reconstruct != "off"),
+                       ("--quantize", config.quantize != "off"), ("--layer-sparsity owl", config.layer_sparsity == "owl")):
+        if used:
+            raise OffloadPruneError(f"--expert-group-size does not run with {what} yet")
+    return grouped_blocks(streamed, config.expert_group_size)
 
 
 def _run_state(config: PruneConfig, reader: CheckpointReader, fingerprint: dict, num_layers: int,
