@@ -89,15 +89,17 @@ def planned(config: PruneConfig, ranks: int = 1) -> tuple[PruneConfig, dict]:
 
 def perplexity(model: str | Path, eval_data: str | Path, seqlen: int = 2048, max_windows: int | None = None,
                device: str = "auto", dtype: str = "auto", micro_batch_size: int = 1, on_disk: bool = False,
-               quiet: bool = True) -> dict:
+               quiet: bool = True, expert_group_size: int | None = None) -> dict:
     """Perplexity of `model` on `eval_data` (a local text file, or wikitext2 with `datasets`), streamed
-    block by block: {"model", "ppl", "windows", "seqlen", "seconds"}."""
+    block by block (Mixture-of-Experts blocks with their routed experts `expert_group_size` at a time, when
+    given): {"model", "ppl", "windows", "seqlen", "seconds"}."""
     options(model, seqlen=seqlen, eval_max_windows=max_windows, micro_batch_size=micro_batch_size, dtype=dtype)
     reader = CheckpointReader(str(model))
     compute_on = pick_device(device)
     windows = evaluation_windows(str(eval_data), load_tokenizer(reader.folder), seqlen, max_windows)
     result = streamed_perplexity(reader, windows, compute_on, pick_dtype(dtype, compute_on, reader),
-                                 micro_batch_size=micro_batch_size, on_disk=on_disk, quiet=quiet)
+                                 micro_batch_size=micro_batch_size, on_disk=on_disk, quiet=quiet,
+                                 expert_group_size=expert_group_size)
     return {"model": str(reader.folder), **result}
 
 

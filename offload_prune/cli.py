@@ -255,6 +255,9 @@ def eval_parser() -> argparse.ArgumentParser:
     _common(parser, stores=("auto", "ram", "disk"))
     _flag(parser, "max-host-memory", type=parse_bytes, default=None,
           help="refuse to start if the plan of a task evaluation needs more host memory (e.g. 16GiB)")
+    _flag(parser, "expert-group-size", type=int, default=None,
+          help="perplexity: run Mixture-of-Experts blocks with their routed experts this many at a time (blocks "
+               "larger than the device)")
     _flag(parser, "json", action="store_true", help="print the result as one JSON object")
     return parser
 
@@ -271,12 +274,14 @@ def run_eval(argv: list[str]) -> int:
     if args["eval_data"]:
         store = "disk" if args["offload_activations"] == "disk" else "ram"
         result = perplexity(args["model"], args["eval_data"], args["seqlen"], args["eval_max_windows"], args["device"],
-                            args["dtype"], args["micro_batch_size"], on_disk=store == "disk", quiet=args["quiet"])
+                            args["dtype"], args["micro_batch_size"], on_disk=store == "disk", quiet=args["quiet"],
+                            expert_group_size=args["expert_group_size"])
         lines.append(f"{result['model']}: perplexity {result['ppl']:.3f} on {result['windows']} windows of "
                      f"{result['seqlen']} tokens ({result['seconds']:.1f} s)")
     if args["eval_tasks"]:
         model = args.pop("model")
-        tasks = evaluate_tasks(model, **{k: v for k, v in args.items() if k not in ("eval_data", "eval_max_windows")})
+        tasks = evaluate_tasks(model, **{k: v for k, v in args.items()
+                                         if k not in ("eval_data", "eval_max_windows", "expert_group_size")})
         result = {**result, **tasks}
         lines += [f"{tasks['model']}: lm-eval tasks ({tasks['seconds']:.1f} s)", *format_task_table({"value": tasks})]
     print(json.dumps(result, default=str) if as_json else "\n".join(lines))

@@ -164,3 +164,22 @@ def test_fp8_experts_stream_in_groups_and_are_written_back_as_fp8(family, tmp_pa
     reloaded = transformers_weights(tmp_path / "groups")
     expert = reloaded["model.layers.2.mlp.experts.down_proj"]
     assert (expert == 0).float().mean() == 0.5
+
+
+def test_perplexity_with_experts_in_groups_equals_whole_blocks(family, tmp_path, capsys):
+    """A model too large for whole blocks is evaluated with its experts read a group at a time: the same
+    perplexity to the last bit (eval --expert-group-size, and --eval-ppl of a run in groups)."""
+    from offload_prune.api import perplexity
+    folder = family("deepseek_v3")
+    text = folder / "demo.txt"
+    whole = perplexity(folder, text, seqlen=SEQLEN, max_windows=4, device="cpu")
+    grouped = perplexity(folder, text, seqlen=SEQLEN, max_windows=4, device="cpu", expert_group_size=3)
+    assert grouped["ppl"] == whole["ppl"]
+    assert main(["eval", "--model", str(folder), "--eval-data", str(text), "--seqlen", str(SEQLEN),
+                 "--eval-max-windows", "4", "--expert-group-size", "2", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] == whole["ppl"]
+    report = run(folder, tmp_path / "groups", "wanda", expert_group_size=3, eval_ppl=True, eval_data=str(text),
+                 eval_max_windows=4)
+    assert report["perplexity"]["dense"]["ppl"] == whole["ppl"]
+    assert report["perplexity"]["pruned"]["ppl"] == perplexity(tmp_path / "groups", text, seqlen=SEQLEN,
+                                                               max_windows=4, device="cpu")["ppl"]

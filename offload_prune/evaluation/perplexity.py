@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import eval_windows, load_text, tokenize
 from ..disk.checkpoint import CheckpointReader
+from ..model.expert_groups import grouped_blocks, streamed_forward
 from ..model.skeleton import StreamedModel, run_windows
 from ..plan.memory import logits_chunk_positions
 from ..runtime.activations import ActivationStore
@@ -23,11 +24,15 @@ from ..runtime.hostmem import keep_large_allocations_mmapped
 
 @torch.no_grad()
 def perplexity(reader: CheckpointReader, windows: torch.Tensor, device: torch.device, dtype: torch.dtype,
-               micro_batch_size: int = 1, on_disk: bool = False, quiet: bool = False, label: str = "eval") -> dict:
+               micro_batch_size: int = 1, on_disk: bool = False, quiet: bool = False, label: str = "eval",
+               expert_group_size: int | None = None) -> dict:
+    """`expert_group_size`: Mixture-of-Experts blocks run with their routed experts read that many at a time
+    (model/expert_groups.py), for blocks larger than the device; the same result as whole blocks."""
     keep_large_allocations_mmapped()
     start = time.perf_counter()
     seqlen = windows.shape[1]
     streamed = StreamedModel(reader, device, dtype)
+    grouped = grouped_blocks(streamed, expert_group_size)
     with tempfile.TemporaryDirectory(prefix="offload-prune-eval-") as tmp:
         store = ActivationStore(Path(tmp), (len(windows), seqlen, reader.config.hidden_size), dtype,
                                 "disk" if on_disk else "ram", device)  # page-locked when a GPU computes
@@ -37,7 +42,8 @@ def perplexity(reader: CheckpointReader, windows: torch.Tensor, device: torch.de
         streamed.unload_outside()
         for index in tqdm(range(streamed.num_layers), desc=f"{label}: blocks", disable=quiet, leave=False):
             block = streamed.load_block(index)
-            run_windows(block, layer_kwargs[index], hidden, hidden, micro_batch_size, device)
+            with streamed_forward(grouped, streamed, index):
+                run_windows(block, layer_kwargs[index], hidden, hidden, micro_batch_size, device)
             streamed.unload_block(index)
         streamed.load_outside(with_head=True)
         chunk = logits_chunk_positions(reader.config.vocab_size)

@@ -14,6 +14,7 @@ routing slot, and once every group has run each token's slots are added in the o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass
@@ -204,3 +205,50 @@ def recorded_inputs(record: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             record.append((hidden.detach().cpu(), index.detach().cpu(), weights.detach().cpu()))
         return torch.zeros_like(hidden)
     return forward
+
+
+@dataclass
+class GroupedBlock:
+    """A block whose routed experts stream in groups: its experts, and [first, end) of each group."""
+    experts: BlockExperts
+    bounds: list[tuple[int, int]]
+
+    def names(self) -> list[list[str]]:
+        """The checkpoint tensors of each group."""
+        return [self.experts.sources(first, end) for first, end in self.bounds]
+
+    def read_group(self, streamed: StreamedModel, number: int,
+                   read: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Group `number`'s parameters on the compute device, from the checkpoint tensors `read` gives."""
+        first, end = self.bounds[number]
+        params = self.experts.to_group_params(streamed, read(self.experts.sources(first, end)), first, end)
+        return {name: value.to(streamed.device, streamed.dtype if value.is_floating_point() else None)
+                for name, value in params.items()}
+
+    def streaming(self, streamed: StreamedModel, read: Callable[[list[str]], dict[str, torch.Tensor]]
+                  ) -> ExpertsTakenOver:
+        """Within `with`, the experts module computes from every group, each read by `read` when its turn comes."""
+        load = lambda number: self.read_group(streamed, number, read)  # noqa: E731
+        return ExpertsTakenOver(self.experts.module, StreamedExperts(self.experts.module, self.bounds, load))
+
+
+def grouped_blocks(streamed: StreamedModel, size: int | None) -> dict[int, GroupedBlock]:
+    """Every block with routed experts, in groups of `size` (refused above the number of experts), held back
+    from the block's load; none when `size` is None."""
+    grouped = {}
+    for index in range(streamed.num_layers) if size else ():
+        experts = BlockExperts.of(streamed, index)
+        if experts is None:
+            continue
+        if size > experts.count:
+            raise OffloadPruneError(f"--expert-group-size {size} is more than the {experts.count} experts of block "
+                                    f"{index}")
+        grouped[index] = GroupedBlock(experts, group_bounds(experts.count, size))
+        streamed.hold_back(index, experts.params)
+    return grouped
+
+
+def streamed_forward(grouped: dict[int, GroupedBlock], streamed: StreamedModel, index: int):
+    """The context a forward-only pass runs block `index` in: its experts streamed from the checkpoint the
+    model reads, group by group, when the block is grouped."""
+    return grouped[index].streaming(streamed, streamed.reader.read) if index in grouped else contextlib.nullcontext()

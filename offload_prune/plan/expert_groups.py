@@ -10,6 +10,8 @@ time, and on the host the experts' inputs recorded for every calibration window.
 - the block's outputs: the core and one group read back from the output, one micro-batch and its
   per-slot expert outputs (the slots of each token, before they are added);
 - the core written as the block's shards.
+Its eval phase (perplexity of the output, streamed the same way): the core, one group read and one
+micro-batch with its per-slot outputs.
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ def largest_written(block: nn.Module, group_size: int | None) -> int:
 
 def grouped_prune_steps(config: PruneConfig, model_config, block: nn.Module, chosen: dict[str, Matrix], method,
                         compute: torch.dtype, stored: torch.dtype, fp8: bool, device_type: str, micro_batch: int,
-                        ahead: dict, behind: dict) -> list[tuple[dict, dict]]:
-    """The prune phase's steps for a block whose experts stream in groups of config.expert_group_size."""
+                        ahead: dict, behind: dict) -> dict[str, list[tuple[dict, dict]]]:
+    """The prune and eval phases' steps for a block whose experts stream in groups of config.expert_group_size."""
     size = config.expert_group_size
     count, per_expert = experts_numel(block)
     core = held_numel(block, size)
@@ -69,23 +71,24 @@ def grouped_prune_steps(config: PruneConfig, model_config, block: nn.Module, cho
                                                   + slots * (8 + ROUTING_WEIGHT_BYTES))
     # The per-slot outputs of one micro-batch, and the copy ordered by expert that is summed.
     slot_outputs = 2 * config.micro_batch_size * config.seqlen * slots * model_config.hidden_size * compute.itemsize
+    forward = ({"core_weights": core_compute, "group_weights": group_compute, "micro_batch": micro_batch,
+                "slot_outputs": slot_outputs}, {"group_read": group_read})
     core_chosen = {n: m for n, m in chosen.items() if m.expert is None}
     one_group = {n: m for n, m in chosen.items() if m.expert is not None and m.expert < min(size, count)}
     core_method = method.memory_bytes(core_chosen, compute, device_type) if core_chosen else {}
     group_method = method.memory_bytes(one_group, compute, device_type) if one_group else {}
     serialized = largest_written(block, size) * stored.itemsize + DIRECT_STAGING_BYTES
-    return [
+    return {"eval": [({"core_weights": core_compute}, {"stored_core": core * stored.itemsize}), forward], "prune": [
         ({"core_weights": core_compute}, {"stored_core": core * stored.itemsize, **ahead, **behind}),
         ({"core_weights": core_compute, "method_peak": max(core_method.values(), default=0),
           "micro_batch": micro_batch}, {"expert_inputs": recorded, **ahead, **behind}),
         ({"core_weights": core_compute, "group_weights": group_compute,
           "method_peak": max(group_method.values(), default=0), "micro_batch": micro_batch},
          {"expert_inputs": recorded, "group_read": group_read, "group_written": group_written}),
-        ({"core_weights": core_compute, "group_weights": group_compute, "micro_batch": micro_batch,
-          "slot_outputs": slot_outputs}, {"group_read": group_read}),
+        forward,
         ({"core_weights": core_compute}, {"stored_core": core * stored.itemsize, "serialized_tensor": serialized,
                                           **ahead}),
-    ]
+    ]}
 
 
 def _rounded_up(size: int) -> int:

@@ -153,8 +153,8 @@ def kind_steps(config: PruneConfig, model_config, block: nn.Module, matrices: di
         "eval": [({"block_weights": block_compute, "micro_batch": micro_batch}, stored_loading)],
     }
     if config.expert_group_size != "auto" and experts_numel(block)[0]:
-        steps["prune"] = grouped_prune_steps(config, model_config, block, chosen, pruning_method, compute, stored, fp8,
-                                             device_type, micro_batch, ahead, behind)
+        steps.update(grouped_prune_steps(config, model_config, block, chosen, pruning_method, compute, stored, fp8,
+                                         device_type, micro_batch, ahead, behind))
     if config.reconstruct != "off":
         for recon in reconstruction_bytes(config, block, matrices, compute, RECON_BACKWARD_FACTOR * micro_batch_bytes(
                 config, model_config, 4), micro_batch):

@@ -12,16 +12,12 @@ was written, as the output checkpoint computes them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..basics import OffloadPruneError
-from ..model.expert_groups import (BlockExperts, ExpertsTakenOver, StreamedExperts, bind_matrices, group_bounds,
-                                   group_module, recorded_inputs)
+from ..model.expert_groups import ExpertsTakenOver, GroupedBlock, bind_matrices, group_module, recorded_inputs
 from ..model.matrices import Matrix, feed_experts
-from ..model.skeleton import StreamedModel
 from .output import fp8_stored, fp8_written, read_written
 from .passes import Run, collect, counting
 from .report import module_stats
@@ -30,31 +26,6 @@ from .solving import prune_members
 #: Manifest field: per block being pruned in groups, the groups already committed.
 GROUPS_DONE = "expert_groups_done"
 Recorded = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class GroupedBlock:
-    experts: BlockExperts
-    bounds: list[tuple[int, int]]  # [first, end) of each group
-
-    def names(self) -> list[list[str]]:
-        """The checkpoint tensors of each group."""
-        return [self.experts.sources(first, end) for first, end in self.bounds]
-
-
-def grouped_blocks(streamed: StreamedModel, size: int) -> dict[int, GroupedBlock]:
-    """Every block with routed experts, in groups of `size` (refused above the number of experts)."""
-    grouped = {}
-    for index in range(streamed.num_layers):
-        experts = BlockExperts.of(streamed, index)
-        if experts is None:
-            continue
-        if size > experts.count:
-            raise OffloadPruneError(f"--expert-group-size {size} is more than the {experts.count} experts of block "
-                                    f"{index}")
-        grouped[index] = GroupedBlock(experts, group_bounds(experts.count, size))
-        streamed.hold_back(index, experts.params)
-    return grouped
 
 
 def standing_in(grouped: GroupedBlock, record: Recorded | None = None) -> ExpertsTakenOver:
@@ -103,7 +74,7 @@ def _prune_group(run: Run, index: int, grouped: GroupedBlock, number: int, matri
     config, method, device, streamed = run.config, run.method, run.device, run.streamed
     experts = grouped.experts
     first, end = grouped.bounds[number]
-    params = _read_group(run, grouped, number, lambda names: run.reader.read(names))
+    params = grouped.read_group(run.streamed, number, run.reader.read)
     group = group_module(experts.module, params, end - first)
     bound = bind_matrices(matrices, group, first, end)
     info: dict[str, dict] = {}
@@ -148,17 +119,7 @@ def _prune_group(run: Run, index: int, grouped: GroupedBlock, number: int, matri
         run.writer.submit(commit_group)
 
 
-def _read_group(run: Run, grouped: GroupedBlock, number: int, read) -> dict[str, torch.Tensor]:
-    """Group `number`'s parameters on the compute device, from the tensors `read` gives."""
-    first, end = grouped.bounds[number]
-    tensors = read(grouped.experts.sources(first, end))
-    params = grouped.experts.to_group_params(run.streamed, tensors, first, end)
-    return {name: value.to(run.device, run.streamed.dtype if value.is_floating_point() else None)
-            for name, value in params.items()}
-
-
 def streaming_written(run: Run, grouped: GroupedBlock) -> ExpertsTakenOver:
     """The experts module computing from every group as written (the writer is waited for first)."""
     run.writer.wait()
-    load = lambda number: _read_group(run, grouped, number, lambda names: read_written(run, names))  # noqa: E731
-    return ExpertsTakenOver(grouped.experts.module, StreamedExperts(grouped.experts.module, grouped.bounds, load))
+    return grouped.streaming(run.streamed, lambda names: read_written(run, names))

@@ -78,8 +78,8 @@ def evaluate_and_report(run: Run, evaluation: torch.Tensor | None, plan: dict, d
                                                        if "quantization_error" in e),
             "bytes_before": sum(run.reader.nbytes(name) for name in run.reader.weight_map), "bytes_after": bytes_after}
     if evaluation is not None:
-        options = dict(micro_batch_size=config.micro_batch_size,
-                       on_disk=config.offload_activations == "disk", quiet=config.quiet)
+        options = dict(micro_batch_size=config.micro_batch_size, on_disk=config.offload_activations == "disk",
+                       quiet=config.quiet, expert_group_size=config.expert_group_size if run.expert_groups else None)
         report["perplexity"] = {}
         for which, folder in (("dense", run.reader.folder), ("pruned", state.save)):
             with meter(f"eval_{which}"):

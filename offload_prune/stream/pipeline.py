@@ -32,6 +32,7 @@ from ..evaluation.perplexity import evaluation_windows
 from ..evaluation.tasks import check_tasks
 from ..methods import PruningMethod, build_method
 from ..model.lm_head import LmHead
+from ..model.expert_groups import GroupedBlock, grouped_blocks
 from ..model.loading import load_tokenizer, pick_device
 from ..model.skeleton import StreamedModel
 from ..plan.expert_groups import resolve_expert_groups
@@ -49,7 +50,6 @@ from ..surgery.heads import heads_setting
 from ..surgery.layer_sparsity import ratios_from_file
 from ..surgery.neurons import width_setting
 from .blocks import prune_blocks
-from .expert_blocks import GroupedBlock, grouped_blocks
 from .finish import REPORT_NAME, evaluate_and_report
 from .output import fp8_written, output_layout, write_outside
 from .passes import Run
