@@ -256,8 +256,8 @@ def eval_parser() -> argparse.ArgumentParser:
     _flag(parser, "max-host-memory", type=parse_bytes, default=None,
           help="refuse to start if the plan of a task evaluation needs more host memory (e.g. 16GiB)")
     _flag(parser, "expert-group-size", type=int, default=None,
-          help="perplexity: run Mixture-of-Experts blocks with their routed experts this many at a time (blocks "
-               "larger than the device)")
+          help="run Mixture-of-Experts blocks with their routed experts this many at a time (blocks larger than "
+               "the device; the same results)")
     _flag(parser, "json", action="store_true", help="print the result as one JSON object")
     return parser
 
@@ -280,8 +280,8 @@ def run_eval(argv: list[str]) -> int:
                      f"{result['seqlen']} tokens ({result['seconds']:.1f} s)")
     if args["eval_tasks"]:
         model = args.pop("model")
-        tasks = evaluate_tasks(model, **{k: v for k, v in args.items()
-                                         if k not in ("eval_data", "eval_max_windows", "expert_group_size")})
+        chosen = {k: v for k, v in args.items() if k not in ("eval_data", "eval_max_windows")}
+        tasks = evaluate_tasks(model, **{**chosen, "expert_group_size": chosen["expert_group_size"] or "auto"})
         result = {**result, **tasks}
         lines += [f"{tasks['model']}: lm-eval tasks ({tasks['seconds']:.1f} s)", *format_task_table({"value": tasks})]
     print(json.dumps(result, default=str) if as_json else "\n".join(lines))

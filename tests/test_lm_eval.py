@@ -300,3 +300,15 @@ def test_one_process_per_evaluation_folder(tiny_llama, tmp_path):
         os.close(holder)
     scores, _ = scoring.score(reader, packed, device, dtype, "ram", 1, tmp_path, quiet=True)
     assert len(scores) == 1 and scores[0][0] < 0
+
+
+def test_experts_in_groups_score_as_whole_blocks(tasks, tmp_path):
+    """A Mixture-of-Experts model scored with its routed experts read three at a time: the same log-likelihoods
+    to the bit as with whole blocks (DeepSeek-V3's shape: a dense block, then blocks of 8 experts)."""
+    from families import build_family
+    model = build_family(tmp_path / "deepseek_v3", "deepseek_v3")
+    whole = evaluate(harness.StreamedLM(str(model), device="cpu", work_dir=tmp_path / "whole", quiet=True), tasks,
+                     ("tiny_mc",))
+    grouped = evaluate(harness.StreamedLM(str(model), device="cpu", work_dir=tmp_path / "grouped", quiet=True,
+                                          expert_group_size=3), tasks, ("tiny_mc",))
+    assert scores_of(grouped, "tiny_mc") == scores_of(whole, "tiny_mc")

@@ -37,7 +37,7 @@ class StreamedLM(TemplateLM):
     def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", micro_batch_size: int = 1,
                  offload_activations: str = "auto", max_length: int | None = None, add_bos_token: bool | None = None,
                  max_host_memory: int | str | None = None, work_dir: str | Path | None = None, quiet: bool = False,
-                 label: str = "eval", batch_size=None, max_batch_size=None):
+                 label: str = "eval", expert_group_size: int | None = None, batch_size=None, max_batch_size=None):
         super().__init__()
         del batch_size, max_batch_size  # lm-eval passes them to every backend; the micro-batch is ours
         self.reader = CheckpointReader(str(pretrained))
@@ -57,6 +57,8 @@ class StreamedLM(TemplateLM):
         self.max_host_memory = parse_bytes(max_host_memory) if isinstance(max_host_memory, str) else max_host_memory
         self.work = Path(work_dir) if work_dir else DEFAULT_WORK
         self.quiet, self.label = bool(quiet), label
+        # Mixture-of-Experts blocks larger than the device: routed experts this many at a time (the same scores).
+        self.expert_group_size = int(expert_group_size) if expert_group_size else None
         self.meter = PhaseMeter(self.compute_device)
         #: One entry per streamed pass: its requests, windows, plan, seconds and measured peaks.
         self.passes: list[dict] = []
@@ -104,7 +106,7 @@ class StreamedLM(TemplateLM):
         def plan_for(store: str) -> dict:
             return evaluation_plan(self.reader.config, self.compute_device.type, str(self.dtype).replace("torch.", ""),
                                    store, packed.windows, packed.padded_tokens, packed.longest, self.micro_batch_size,
-                                   current_host_rss_bytes(), self.reader.dtypes.values())
+                                   current_host_rss_bytes(), self.reader.dtypes.values(), self.expert_group_size)
         plan = choose_store(self.store, plan_for, self.max_host_memory)
         if not self.quiet:
             print(f"{self.label}: {len(requests)} requests in {packed.windows} windows ({packed.padded_tokens} tokens); "
@@ -114,7 +116,8 @@ class StreamedLM(TemplateLM):
         phase = f"pass_{len(self.passes)}"
         with self.meter(phase):
             scores, folder = score(self.reader, packed, self.compute_device, self.dtype, plan["activation_store"],
-                                   self.micro_batch_size, self.work, quiet=self.quiet or disable_tqdm, label=self.label)
+                                   self.micro_batch_size, self.work, quiet=self.quiet or disable_tqdm, label=self.label,
+                                   expert_group_size=self.expert_group_size)
         self.state_folders.append(folder)
         self.passes.append({"requests": len(requests), "windows": packed.windows, "padded_tokens": packed.padded_tokens,
                             "plan": plan, "seconds": self.meter.seconds[phase], "peaks": self.meter.peaks[phase]})

@@ -22,6 +22,7 @@ from .. import __version__
 from ..disk import durable
 from ..disk.checkpoint import CheckpointReader
 from ..disk.runstate import RunState
+from ..model.expert_groups import GroupedBlock, grouped_blocks, streamed_forward
 from ..model.skeleton import StreamedModel, run_windows
 from ..plan.memory import logits_chunk_positions
 from ..runtime.activations import ActivationStore
@@ -49,20 +50,22 @@ def state_folder(work: Path, job: dict) -> Path:
 
 @torch.no_grad()
 def score(reader: CheckpointReader, packed: Packed, device: torch.device, dtype: torch.dtype, where: str,
-          micro_batch_size: int, work: Path, quiet: bool = False, label: str = "eval"
-          ) -> tuple[list[tuple[float, bool]], Path]:
+          micro_batch_size: int, work: Path, quiet: bool = False, label: str = "eval",
+          expert_group_size: int | None = None) -> tuple[list[tuple[float, bool]], Path]:
     """(sum of the continuation's log-probabilities, whether each of its tokens is the greedy one) per request,
-    and the folder that holds them (and, until they were written, the resumable state)."""
+    and the folder that holds them (and, until they were written, the resumable state). `expert_group_size`:
+    Mixture-of-Experts blocks run with their routed experts that many at a time (the same scores)."""
     keep_large_allocations_mmapped()
     job = fingerprint(reader, packed, device, dtype, micro_batch_size)
     # No read-ahead, as for perplexity: the eval phase of the plan holds one block (all requests go through it:
     # reading the next block is short beside that compute).
     streamed = StreamedModel(reader, device, dtype)
+    grouped = grouped_blocks(streamed, expert_group_size)
     state = RunState.prepare(state_folder(work, job), reader.folder, job, streamed.num_layers, overwrite=False,
                              resume=False, what="the evaluation folder")
     try:
         if not state.manifest["finished"]:
-            _run_blocks(streamed, state, packed, where, micro_batch_size, quiet, label)
+            _run_blocks(streamed, grouped, state, packed, where, micro_batch_size, quiet, label)
         scores = json.loads((state.save / SCORES_NAME).read_text())
         return [(value, greedy) for value, greedy in scores], state.save
     finally:
@@ -70,8 +73,8 @@ def score(reader: CheckpointReader, packed: Packed, device: torch.device, dtype:
         state.release()
 
 
-def _run_blocks(streamed: StreamedModel, state: RunState, packed: Packed, where: str, micro_batch_size: int,
-                quiet: bool, label: str) -> None:
+def _run_blocks(streamed: StreamedModel, grouped: dict[int, GroupedBlock], state: RunState, packed: Packed,
+                where: str, micro_batch_size: int, quiet: bool, label: str) -> None:
     hidden = streamed.reader.config.hidden_size
     stores = [ActivationStore(state.dir, (len(b.lengths), b.length, hidden), streamed.dtype, where, streamed.device,
                               tag=f".bucket{i}") for i, b in enumerate(packed.buckets)]
@@ -95,8 +98,9 @@ def _run_blocks(streamed: StreamedModel, state: RunState, packed: Packed, where:
         block = streamed.load_block(index)
         for store, layer_kwargs, windows_per_call in zip(stores, kwargs, calls):
             outputs = store.output_buffer(index + 1)
-            run_windows(block, layer_kwargs[index], store.tensor, outputs, windows_per_call, streamed.device,
-                        written=store.written)
+            with streamed_forward(grouped, streamed, index):
+                run_windows(block, layer_kwargs[index], store.tensor, outputs, windows_per_call, streamed.device,
+                            written=store.written)
         streamed.unload_block(index)
         records = {store.name(index + 1): store.commit(index + 1) for store in stores}
         state.commit(run_files=records, completed_blocks=index + 1)

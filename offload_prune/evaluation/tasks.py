@@ -41,7 +41,8 @@ def evaluate_tasks(model: str | Path, config: PruneConfig, label: str = "eval") 
     lm = StreamedLM(str(model), device=str(pick_device(config.device)), dtype=config.dtype, micro_batch_size=micro_batch,
                     offload_activations="auto" if config.offload_activations in ("auto", "device")
                     else config.offload_activations, max_host_memory=config.max_host_memory, work_dir=work,
-                    quiet=config.quiet, label=label)
+                    quiet=config.quiet, label=label,
+                    expert_group_size=config.expert_group_size if config.expert_group_size != "auto" else None)
     results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=config.eval_num_fewshot,
                                       limit=config.eval_limit, task_manager=manager, log_samples=False,
                                       verbosity="ERROR" if config.quiet else "WARNING")

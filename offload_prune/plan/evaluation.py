@@ -15,11 +15,12 @@ from .memory import PROCESS_BASELINE_BYTES, STORE_WORDS, memory_plan
 
 def evaluation_plan(model_config, device_type: str, dtype: str, store: str, windows: int, padded_tokens: int,
                     longest: int, micro_batch_size: int, process_bytes: int = PROCESS_BASELINE_BYTES,
-                    shard_dtypes: Iterable[torch.dtype] = ()) -> dict:
+                    shard_dtypes: Iterable[torch.dtype] = (), expert_group_size: int | None = None) -> dict:
     """Device and host peaks of scoring `windows` windows of `padded_tokens` tokens in all (the longest
-    `longest`), `micro_batch_size` x `longest` tokens per forward call, the cache in `store` (ram or disk)."""
+    `longest`), `micro_batch_size` x `longest` tokens per forward call, the cache in `store` (ram or disk),
+    routed experts `expert_group_size` at a time when given."""
     options = PruneConfig(model="", seqlen=max(1, longest), nsamples=1, micro_batch_size=micro_batch_size,
-                          offload_activations=store, dtype=dtype)
+                          offload_activations=store, dtype=dtype, expert_group_size=expert_group_size or "auto")
     full = memory_plan(options, model_config, device_type, eval_windows=max(1, windows), process_bytes=process_bytes,
                        shard_dtypes=shard_dtypes, eval_tokens=padded_tokens)
     phase = full["phases"]["eval"]
