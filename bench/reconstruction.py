@@ -7,7 +7,8 @@ time and peak RSS of each method with and without it, against ADMM alone.
 
 A row is method/setting/mode, then any PruneConfig options as key=value (numbers parsed); mode is off,
 block or sublayer. Setting: 50%, 60%, 70%, 2:4, or structured settings: mlp25 (25 % of MLP neurons,
-shrunk) and mlp25+heads (also a third of the key/value groups), as bench/structured.py prunes them. Results go to out/reconstruction-<preset>.json
+shrunk) and mlp25+heads (also a third of the key/value groups), as bench/structured.py prunes them, and
+remove6 / remove1 (blocks removed, with shortgpt: its dense pass and copies count as the prune phase). Results go to out/reconstruction-<preset>.json
 after every run; rows already there are not run again.
 """
 from __future__ import annotations
@@ -20,7 +21,9 @@ from quality import SETTINGS, Bench, open_row_table, parse_options, table_runs
 # bench/structured.py's shrink settings: a quarter of the MLP neurons, and a third of the key/value groups.
 STRUCTURED = {"mlp25": {"sparsity_type": "structured", "sparsity_ratio": 0.25, "shrink": True},
               "mlp25+heads": {"sparsity_type": "structured", "sparsity_ratio": 0.25, "shrink": True,
-                              "prune_heads": 1 / 3}}
+                              "prune_heads": 1 / 3},
+              # ShortGPT's setting there: 20 % of the blocks (6 of SmolLM2's 30, 1 of stories260K's 5).
+              "remove6": {"remove_layers": "6"}, "remove1": {"remove_layers": "1"}}
 DEFAULT_ROWS = [
     "wanda/50%/off", "wanda/50%/block", "wanda/2:4/block",
     "admm/60%/off", "admm/60%/block", "admm/2:4/off", "admm/2:4/block",
@@ -41,9 +44,11 @@ def run_row(bench: Bench, row: str) -> dict:
         ppl = bench.perplexity(Path(tmp) / "out")
     blocks = (report.get("reconstruction") or {}).get("blocks", {})
     ratios = sorted(b["error_after"] / b["error_before"] for b in blocks.values() if b["error_before"])
-    return {"row": row, "ppl": ppl, "prune_seconds": report["seconds"]["prune"],
-            "peak_rss_bytes": report["phase_peaks"]["prune"]["host"],
-            "planned_prune_host_bytes": report["memory_plan"]["phases"]["prune"]["host"],
+    # A removal's work: its dense pass and its copies (trained with --reconstruct) in place of the prune phase.
+    phases = [p for p in ("prune", "influence", "copy", "reconstruct") if p in report["seconds"]]
+    return {"row": row, "ppl": ppl, "prune_seconds": sum(report["seconds"][p] for p in phases),
+            "peak_rss_bytes": max(report["phase_peaks"][p]["host"] for p in phases),
+            "planned_prune_host_bytes": max(report["memory_plan"]["phases"][p]["host"] for p in phases),
             "recon_kept": sum(b["kept"] for b in blocks.values()), "recon_blocks": len(blocks),
             "recon_median_error_ratio": ratios[len(ratios) // 2] if ratios else None,
             "recon_seconds": sum(b["seconds"] for b in blocks.values())}

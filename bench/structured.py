@@ -58,7 +58,7 @@ SETTINGS = {
 }
 # Each structured setting again with block-local reconstruction after it (--reconstruct block, its defaults).
 SETTINGS.update({f"{name}+recon": (method, {**options, "reconstruct": "block"})
-                 for name, (method, options) in [(n, v) for n, v in SETTINGS.items() if v and v[0] != "shortgpt"]})
+                 for name, (method, options) in [(n, v) for n, v in SETTINGS.items() if v]})
 
 
 def synthetic_preset(out: Path) -> dict:
@@ -155,7 +155,7 @@ def main() -> None:
         else:
             method, options = SETTINGS[name]
             if method == "shortgpt":
-                options = {"remove_layers": str(round(REMOVED_BLOCK_SHARE * blocks))}
+                options = {**options, "remove_layers": str(round(REMOVED_BLOCK_SHARE * blocks))}
             folders[name] = args.out / f"structured-{args.preset}-{name}{f'-n{args.nsamples}' if args.nsamples else ''}"
             # A folder holding this finished job is reused as it is (its report keeps the prune time).
             report = bench.prune(method, folders[name], overwrite=args.fresh, **options)

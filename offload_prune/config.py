@@ -292,9 +292,6 @@ class PruneConfig:
                                     f"{self.recon_batch}")
         if not self.recon_lr > 0:  # also refuses nan
             raise OffloadPruneError(f"--recon-lr must be > 0, got {self.recon_lr}")
-        if self.reconstruct != "off" and self.prune_method == "shortgpt":
-            raise OffloadPruneError("--reconstruct trains the weights a mask kept; --prune_method shortgpt removes "
-                                    "whole blocks and keeps every weight of the others")
 
     def _validate_quantization(self) -> None:
         if self.quantize not in QUANT_SCHEMES:

@@ -41,6 +41,8 @@ def test_block_weights_and_activation_cache_match_the_plan(tiny_llama, tmp_path)
 @pytest.mark.parametrize("options, phases", [
     (["--prune_method", "wanda", "--nr-prune-lm-head", "--layer-sparsity", "owl"], ["owl", "prune"]),
     (["--prune_method", "shortgpt", "--remove-layers", 1], ["influence", "copy"]),
+    (["--prune_method", "shortgpt", "--remove-layers", 1, "--reconstruct", "block", "--recon-target", "dense-stream",
+      "--recon-steps", 2, "--recon-batch", 2], ["influence", "reconstruct"]),
     (["--prune_method", "wanda", "--sparsity_type", "structured", "--shrink", "--prune-heads", 0.5], ["prune"]),
     (["--prune_method", "wanda", "--reconstruct", "block", "--recon-steps", 2, "--recon-batch", 2], ["prune"]),
     (["--prune_method", "wanda", "--quantize", "w4a16", "--quant-group-size", 64], ["prune"]),

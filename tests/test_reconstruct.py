@@ -1,6 +1,7 @@
 """Block-local reconstruction (--reconstruct): the mask stays exactly, the reported errors are what the
 written model computes, a failed or useless training leaves the pruned weights, and the plan holds."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -134,12 +135,70 @@ def test_a_non_finite_loss_or_no_gain_writes_the_pruned_blocks_unchanged(tiny_ll
                for e in report["reconstruction"]["blocks"].values())
 
 
+def with_quiet_blocks(model, folder, blocks, scale=0.2):
+    """A copy of `model` whose `blocks` barely change the hidden states (their output projections scaled
+    down): the blocks ShortGPT removes, with kept blocks on both sides of them."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(model, folder)
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in tensors:
+            if any(f"layers.{b}." in name for b in blocks) and name.endswith(("o_proj.weight", "down_proj.weight")):
+                tensors[name] = tensors[name] * scale
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return folder
+
+
+def hidden_states(folder, text, nsamples=4, seqlen=32) -> tuple:
+    """Every decoder layer's input and the last one's output (before the final norm), float64, over the
+    calibration windows."""
+    windows, _ = calibration_windows(str(text), load_tokenizer(folder), nsamples, seqlen, 0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    last = []
+    model.model.norm.register_forward_pre_hook(lambda module, args: last.append(args[0]))
+    with torch.no_grad():
+        states = [model(windows[i:i + 1], output_hidden_states=True).hidden_states[:-1] for i in range(len(windows))]
+    return tuple(torch.cat(layer).double() for layer in zip(*states)) + (torch.cat(last).double(),)
+
+
+def relative(a, b) -> float:
+    return float((a - b).pow(2).sum() / b.pow(2).sum())
+
+
+@pytest.mark.parametrize("target", ["dense-block", "dense-stream"])
+def test_shortgpt_kept_blocks_stand_in_for_the_removed_ones(checkpoint_factory, tmp_path, target):
+    """Blocks 1 and 3 of 5 removed: the block after each gap trains towards the dense blocks it stands in
+    for; the errors it reports are what the written models compute; blocks that stand in for nothing are
+    the stored bytes (dense-block), or trained only after the first gap (dense-stream)."""
+    model = with_quiet_blocks(checkpoint_factory(num_layers=5, hidden=64, intermediate=128), tmp_path / "model",
+                              blocks=(1, 3))
+    common = ("--prune_method", "shortgpt", "--remove-layers", "2")
+    run(model, tmp_path / "plain", *common)
+    rebuilt = run(model, tmp_path / "rebuilt", *common, "--reconstruct", "block", "--recon-target", target,
+                  "--recon-steps", "16")
+    assert rebuilt["block_removal"]["removed"] == [1, 3]
+    blocks = rebuilt["reconstruction"]["blocks"]
+    assert {i: e["stands_in_for"] for i, e in blocks.items()} == {"1": [1], "2": [3]}
+    assert all(e["kept"] and e["error_after"] < e["error_before"] for e in blocks.values())
+    before, after = read_all_tensors(tmp_path / "plain"), read_all_tensors(tmp_path / "rebuilt")
+    for name in before:  # new block 0 (old 0) stands in for nothing; the norms outside the blocks never train
+        assert torch.equal(before[name], after[name]) == ("layers.1." not in name and "layers.2." not in name
+                                                          or "layernorm" in name), name
+    # New block 1 (old 2) gets the dense model's hidden states at block 1 in both runs: its errors against
+    # the dense model's at block 3 are the written models'.
+    dense = hidden_states(model, model / "demo.txt")
+    plain, rebuilt_states = (hidden_states(tmp_path / f, model / "demo.txt") for f in ("plain", "rebuilt"))
+    assert blocks["1"]["error_before"] == pytest.approx(relative(plain[2], dense[3]), rel=1e-4)
+    assert blocks["1"]["error_after"] == pytest.approx(relative(rebuilt_states[2], dense[3]), rel=1e-4)
+    if target == "dense-stream":  # the last kept block's target is the dense model's at the end
+        assert blocks["2"]["error_after"] == pytest.approx(relative(rebuilt_states[3], dense[5]), rel=1e-4)
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--recon-steps", "0"), "--recon-steps and --recon-batch must be >= 1"),
     (("--recon-lr", "0"), "--recon-lr must be > 0"),
     (("--recon-lr", "-0.001"), "--recon-lr must be > 0"),
     (("--reconstruct", "layer"), "invalid choice"),
-    (("--reconstruct", "block", "--prune_method", "shortgpt", "--remove-layers", "1"), "removes whole blocks"),
     (("--reconstruct", "block", "--max-device-memory", "300KiB"), "try --reconstruct sublayer"),
 ])
 def test_bad_reconstruction_options_are_one_line_and_write_nothing(tiny_llama, tmp_path, capsys, flags, message):

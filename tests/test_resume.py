@@ -166,6 +166,16 @@ def test_reconstruction_killed_at_every_other_step_then_resumed_is_identical(res
     assert any("acts_00002.dense.bin" in step for step in steps)
 
 
+def test_shortgpt_reconstruction_killed_every_few_steps_then_resumed_is_identical(resume_model, prune_args, worker,
+                                                                                  tmp_path):
+    """ShortGPT with --reconstruct: the kept blocks trained one committed stage each, the dense stream carried
+    beside them, resume to the same bytes from every third step and each of the last twelve."""
+    args = lambda save: prune_args(resume_model, save, "--prune_method", "shortgpt", "--remove-layers", 1,  # noqa: E731
+                                   "--reconstruct", "block", "--recon-target", "dense-stream", "--recon-steps", 4)
+    steps = swept_identical(worker, args, tmp_path, "shortgpt reconstruction", every(3))
+    assert any("acts_00001.dense.bin" in step for step in steps)
+
+
 def test_quantized_run_killed_at_every_step_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
     """--quantize: the packed blocks (their own tensor names and sizes in the layout) and config.json's
     quantization_config resume to the same bytes from every third step and each of the last twelve (the

@@ -13,7 +13,8 @@ its own line, for the compute device and for the host, with the parts that make 
                previous block's stored copy being written behind;
 - influence:   (shortgpt) one block with one micro-batch, in the dense pass;
 - copy:        (shortgpt) one kept block's stored tensors, read and written under new names;
-  with --reconstruct, also training the pruned block (reconstruct/memory.py: float32 masters,
+- reconstruct: (shortgpt --reconstruct) the influence pass's steps, the copy's, and training a kept block;
+- (prune and reconstruct) with --reconstruct, training the block (reconstruct/memory.py: float32 masters,
                gradients, optimiser state, one micro-batch's backward pass) beside its target cache;
 - write:       the tensors outside the blocks, one being serialized, the head's prune workspace;
 - eval:        the largest of: the embedding step, one block with one micro-batch, and embedding
@@ -156,9 +157,12 @@ def kind_steps(config: PruneConfig, model_config, block: nn.Module, matrices: di
         steps.update(grouped_prune_steps(config, model_config, block, chosen, pruning_method, compute, stored, fp8,
                                          device_type, micro_batch, ahead, behind))
     if config.reconstruct != "off":
+        # A removal's kept blocks: each loaded (a removed one too, for the target) and run, trained, written.
+        steps["reconstruct"] = [steps["influence"][0], steps["influence"][1], ({}, steps["copy"][0][1])]
         for recon in reconstruction_bytes(config, block, matrices, compute, RECON_BACKWARD_FACTOR * micro_batch_bytes(
                 config, model_config, 4), micro_batch):
             steps["prune"].append(({"block_weights": block_compute, **recon}, {**ahead, **behind}))
+            steps["reconstruct"].append(({"block_weights": block_compute, **recon}, ahead))
     if config.quantize != "off":
         steps["prune"].append(({"block_weights": block_compute,
                                 **quantization_bytes(config, quantized_matrices(matrices), compute, device_type)},
@@ -212,7 +216,7 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     # adds its own steps (kind_steps), so a phase's peak is its largest kind's.
     phases: dict[str, list[tuple[dict, dict]]] = {
         "calibration": [({}, {"text_and_tokens": calibration_text_bytes * TOKENIZE_BYTES_PER_TEXT_BYTE})],
-        "capture": [embed_step], "owl": [], "influence": [], "copy": [], "prune": [],
+        "capture": [embed_step], "owl": [], "influence": [], "copy": [], "reconstruct": [], "prune": [],
         "write": [({"head_prune_chunk": chunk_workspace_bytes(head, device_type) if config.nr_prune_lm_head else 0},
                    {"outside_tensors": outside * stored.itemsize,
                     "serialized_tensor": max(embedding, head) * stored.itemsize + DIRECT_STAGING_BYTES})],
@@ -234,14 +238,14 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
     method = {key: max(m[key] for m in methods) for key in methods[0]}
     device_plan, host_plan = {}, {}
     for name, steps in phases.items():
-        cached = name in ("capture", "owl", "influence", "prune")
+        cached = name in ("capture", "owl", "influence", "prune", "reconstruct")
         # The device store's cache is device memory; persisted and reopened through a host staging buffer.
         on_device = {"activation_cache": cache} if store == "device" and cached else {}
         # Host caches are page-locked when a GPU computes, and take their size rounded up to a power of two.
         host_cache = pinned_bytes if device_type == "cuda" else int
         # --reconstruct's targets: a second cache beside the first in the prune phase (the dense block's
         # outputs, or the dense stream's), where the first is; on disk a file, not memory.
-        target = cache if config.reconstruct != "off" and name == "prune" and store != "disk" else 0
+        target = cache if config.reconstruct != "off" and name in ("prune", "reconstruct") and store != "disk" else 0
         if target and store == "device":
             on_device["recon_target_cache"] = target
         caches = {"activation_cache": host_cache(cache) if store == "ram" and cached else 0,
@@ -251,6 +255,8 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         fixed = {"process": process_bytes, "runtime_growth": RUNTIME_GROWTH_BYTES if name != "calibration" else 0,
                  **caches}
         fixed = {k: v for k, v in fixed.items() if v}
+        if not steps:  # a phase no kind of block has (reconstruct, unless a removal reconstructs)
+            continue
         devices, hosts = [], []
         for device_parts, host_parts in steps:
             device_parts = {k: v for k, v in {**on_device, **device_parts}.items() if v}
@@ -265,8 +271,9 @@ def memory_plan(config: PruneConfig, model_config, device_type: str, calibration
         del device_plan["eval"], host_plan["eval"]
     unused = ["owl"] if config.layer_sparsity != "owl" else []
     unused += ["prune"] if pruning_method.removes_blocks else ["influence", "copy"]
+    unused += ["copy" if config.reconstruct != "off" and pruning_method.removes_blocks else "reconstruct"]
     for name in unused:
-        del device_plan[name], host_plan[name]
+        device_plan.pop(name, None), host_plan.pop(name, None)
     device_phase = max(device_plan, key=lambda p: device_plan[p]["peak"])
     host_phase = max(host_plan, key=lambda p: host_plan[p]["peak"])
     return {"device_type": device_type, "compute_dtype": str(compute).replace("torch.", ""),

@@ -28,8 +28,9 @@ DENSE_STREAM_TAG = ".dense"
 class BlockReconstruction:
     """One run's reconstruction: where the targets are, and the hooks around each block's mask."""
 
-    def __init__(self, run: Run, shape: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, run: Run, shape: tuple[int, ...], dtype: torch.dtype, stages: int | None = None):
         self.run = run
+        self.stages = stages if stages is not None else run.streamed.num_layers  # blocks the output keeps
         config, state, device = run.config, run.state, run.device
         where = config.offload_activations
         self.dense_stream = (ActivationStore(state.dir, shape, dtype, where, device,
@@ -38,25 +39,38 @@ class BlockReconstruction:
         self.buffer = (TargetBuffer(shape, dtype, where, device, state.save, run.ranks.tag())
                        if self.dense_stream is None else None)
         self._target: torch.Tensor | None = None
+        self._source: torch.Tensor | None = None
         self._dense: dict[str, torch.Tensor] | None = None
 
     def before_mask(self, index: int, block: nn.Module, layer_kwargs: dict, inputs: torch.Tensor) -> None:
         """The block's target outputs, while it is still dense; for sub-layers' own targets, its weights too."""
-        config, device = self.run.config, self.run.device
+        self.start_target(index, inputs)
+        self.target_through(block, layer_kwargs, last=True)
+        if self.dense_stream is None and self.run.config.reconstruct == "sublayer":
+            self._dense = {n: p.detach().clone() for n, p in block.named_parameters()}
+
+    def start_target(self, index: int, inputs: torch.Tensor) -> None:
+        """Begin the target of the block at `index` (of the output) whose pruned-stream inputs are `inputs`:
+        the dense blocks that target_through runs next start from those inputs (`dense-block`) or from the
+        dense stream's hidden states at the same place (`dense-stream`)."""
         if self.dense_stream is None:
-            self._target = self.buffer.tensor()
-            run_windows(block, layer_kwargs, inputs, self._target, config.micro_batch_size, device)
-            if config.reconstruct == "sublayer":
-                self._dense = {n: p.detach().clone() for n, p in block.named_parameters()}
+            self._source, self._target = inputs, self.buffer.tensor()
             return
         self.run.writer.wait()  # the previous commit persists the dense cache, which these outputs overwrite
         store = self.dense_stream
         if index == 0:  # both streams start from the same embedding outputs
-            source, self._target = inputs, store.create(1)
+            self._source, self._target = inputs, store.create(1)
         else:
-            source = store.tensor if store.tensor is not None else store.open(index)
+            self._source = store.tensor if store.tensor is not None else store.open(index)
             self._target = store.output_buffer(index + 1)
-        run_windows(block, layer_kwargs, source, self._target, config.micro_batch_size, device, store.written)
+
+    def target_through(self, block: nn.Module, layer_kwargs: dict, last: bool) -> None:
+        """One dense block applied to the target so far (the first to the start's source); `last`: the
+        target is complete after it (a block that a removal kept, after the removed ones before it)."""
+        config, device = self.run.config, self.run.device
+        written = self.dense_stream.written if self.dense_stream is not None and last else None
+        run_windows(block, layer_kwargs, self._source, self._target, config.micro_batch_size, device, written)
+        self._source = self._target
 
     def after_mask(self, index: int, block: nn.Module, matrices: dict[str, Matrix], layer_kwargs: dict,
                    inputs: torch.Tensor) -> dict:
@@ -74,7 +88,7 @@ class BlockReconstruction:
 
     def next_inputs(self, index: int) -> Callable[[], dict[str, durable.FileRecord]]:
         """The dense stream's outputs of block `index` made the next block's dense inputs (see advance_inputs)."""
-        if self.dense_stream is None or index + 1 == self.run.streamed.num_layers:
+        if self.dense_stream is None or index + 1 == self.stages:
             return dict
         return advance_inputs(self.run, index + 1, self.dense_stream)
 

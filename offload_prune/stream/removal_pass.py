@@ -1,6 +1,7 @@
 """A run that removes whole blocks (ShortGPT): each block's influence from a dense pass, the blocks
-to remove, then the others copied unchanged under their new numbers, one committed stage per block.
-The measures and the config surgery are block_removal.py's."""
+to remove, then the others copied unchanged under their new numbers (or, with --reconstruct, trained to
+stand in for the removed ones: kept_blocks.py), one committed stage per block. The measures and the
+config surgery are block_removal.py's."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ from ..disk import durable
 from ..surgery.block_removal import (AngularWindow, InfluenceMeter, contiguous_run, lowest_influence,
                                      removal_for_budget, renumbered)
 from .output import fp8_stored, fp8_written, output_config, output_layout
+from .kept_blocks import reconstruct_kept
 from .passes import Run, capture, dense_pass
 
 ANGULAR_STATES = "angular_{:05d}.pt"  # last-token states of the latest block boundaries (shortgpt --angular)
@@ -40,7 +42,9 @@ def remove_blocks(run: Run, windows: torch.Tensor) -> None:
         state.commit(run_files={}, removed_blocks=removed, captured=False)
     kept = _kept_blocks(run)
     run.layout = output_layout(streamed, run.head, kept, fp8=fp8_written(run.reader, run.config))
-    if state.completed_blocks < len(kept):
+    if state.completed_blocks < len(kept) and run.config.reconstruct != "off":
+        reconstruct_kept(run, windows, kept)
+    elif state.completed_blocks < len(kept):
         with meter("copy"):
             for new in tqdm(range(state.completed_blocks, len(kept)), desc="blocks kept", disable=run.config.quiet,
                             initial=state.completed_blocks, total=len(kept)):
