@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .basics import OffloadPruneError, parse_bytes
 from .config import (ACTIVATION_STORES, DTYPES, HESSIAN_DTYPES, METHODS, OUTPUT_DTYPES, QUANT_METHODS, QUANT_SCHEMES,
-                     RECON_OPTIMIZERS, RECON_TARGETS, RECONSTRUCT_MODES, PruneConfig)
+                     RECON_OPTIMIZERS, RECON_DTYPES, RECON_TARGETS, RECONSTRUCT_MODES, PruneConfig)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,6 +146,9 @@ def _reconstruction_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "recon-optimizer", default="adam", choices=RECON_OPTIMIZERS,
           help="adam (default) or sgd with momentum 0.9")
     _flag(parser, "recon-norms", action="store_true", help="also train biases and norm weights")
+    _flag(parser, "recon-dtype", default="auto", choices=RECON_DTYPES,
+          help="the training steps' products: bfloat16 (masters, optimiser and loss stay float32) or float32; "
+               "default auto: bfloat16 where the GPU or CPU has it in hardware")
 
 
 def _neuronrank_flags(parser: argparse.ArgumentParser) -> None:

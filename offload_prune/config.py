@@ -19,6 +19,7 @@ HESSIAN_DTYPES = ("float32", "float64")
 RECONSTRUCT_MODES = ("off", "block", "sublayer")
 RECON_TARGETS = ("dense-block", "dense-stream")
 RECON_OPTIMIZERS = ("adam", "sgd")
+RECON_DTYPES = ("auto", "float32", "bfloat16")
 #: --quantize schemes: integer weights of this many bits, 16-bit activations (what vLLM serves).
 QUANT_SCHEMES = {"off": 0, "w4a16": 4, "w8a16": 8}
 QUANT_METHODS = ("gptq", "rtn")
@@ -120,6 +121,7 @@ class PruneConfig:
     recon_lr: float = 1e-3
     recon_optimizer: str = "adam"
     recon_norms: bool = False  # train biases and norm weights too
+    recon_dtype: str = "auto"  # the training steps' products (reconstruct/precision.py); resolved before the run
     # Quantization after the mask (quantize/), written as compressed-tensors' pack-quantized checkpoint.
     quantize: str = "off"
     quant_method: str = "gptq"
@@ -282,7 +284,7 @@ class PruneConfig:
 
     def _validate_reconstruction(self) -> None:
         choices = {"reconstruct": RECONSTRUCT_MODES, "recon_target": RECON_TARGETS,
-                   "recon_optimizer": RECON_OPTIMIZERS}
+                   "recon_optimizer": RECON_OPTIMIZERS, "recon_dtype": RECON_DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise OffloadPruneError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
@@ -365,7 +367,7 @@ class PruneConfig:
             names += ["shrink", "neuron_refit", "percdamp", "prune_heads"]
         if self.reconstruct != "off":
             names += ["reconstruct", "recon_target", "recon_steps", "recon_batch", "recon_lr", "recon_optimizer",
-                      "recon_norms"]
+                      "recon_norms", "recon_dtype"]
         if self.quantize != "off":
             names += ["quantize", "quant_method", "quant_group_size", "quant_asym", "quant_act_order", "quant_joint"]
         if self.output_dtype != "auto":

@@ -1,7 +1,8 @@
 """Train one pruned block's kept weights back towards a dense target, the mask held fixed (block-local
 reconstruction: Wanda++'s regional optimisation, "A Free Lunch in LLM Compression"'s local reconstruction).
 
-Each unit of the block (units.py) trains in turn. Its trained parameters get float32 master copies,
+Each unit of the block (units.py) trains in turn (its products in bfloat16 where precision.py says so).
+Its trained parameters get float32 master copies,
 optimised for --recon-steps steps with Adam (or SGD with momentum), the learning rate on a cosine from
 --recon-lr to zero. A step takes the next --recon-batch windows of a seeded shuffle of all the calibration
 windows (a new shuffle every pass over them); each rank runs those it holds, in micro-batches, and the
@@ -34,6 +35,7 @@ from torch.func import functional_call
 from ..config import PruneConfig
 from ..runtime.distributed import Ranks
 from ..runtime.hostmem import heap_for_temporaries
+from .precision import training_dtype
 from .units import WHOLE_BLOCK, unit_parameters
 
 
@@ -79,6 +81,7 @@ class _Trainer:
         self.kwargs = send_to_device(kwargs, device)
         self.kwargs32 = cast_floating(self.kwargs, torch.float32)
         self.live = {name: p.detach() for name, p in block.named_parameters()}
+        self.bfloat16_products = training_dtype(config.recon_dtype, device) == "bfloat16"
         # Summed over the elements of a step's windows on every rank: ranks and one process agree.
         self.window_elements = inputs[0].numel()
 
@@ -105,7 +108,8 @@ class _Trainer:
             total = torch.zeros((), device=self.device)
             for start in range(0, len(mine), config.micro_batch_size):
                 rows = mine[start:start + config.micro_batch_size]
-                loss = loss_of({**frozen, **masters}, rows) / elements
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16_products):
+                    loss = loss_of({**frozen, **masters}, rows) / elements
                 loss.backward()
                 total += loss.detach()
             for name, master in masters.items():
@@ -136,7 +140,7 @@ class _Trainer:
         if unit == WHOLE_BLOCK or dense is None:  # against the block's target
             def block_loss(params: dict[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
                 x = self.inputs[rows].to(self.device, torch.float32)
-                y = _first(functional_call(block, params, (x,), self.kwargs32))
+                y = _first(functional_call(block, params, (x,), self.kwargs32)).float()
                 return (y - self.target[rows].to(self.device, torch.float32)).pow(2).sum()
             return block_loss
         module = block.get_submodule(unit)
@@ -163,10 +167,10 @@ class _Trainer:
                 for handle in handles:
                     handle.remove()
             args, kwargs = seen["inputs"]
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):  # in the block's own dtype
                 wanted = _first(functional_call(module, dense_unit, cast_floating(args, self.dtype),
                                                 cast_floating(kwargs, self.dtype))).float()
-            return (seen["output"] - wanted).pow(2).sum()
+            return (seen["output"].float() - wanted).pow(2).sum()
         return sublayer_loss
 
     # -- the whole block -----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from ..plan.memory import (budgets, check_budget, device_free_bytes, device_tota
                            per_rank, resolve_activation_store)
 from ..plan.micro_batch import resolve_micro_batch
 from ..quantize.grid import Grid
+from ..reconstruct import training_dtype
 from ..runtime.activations import ActivationStore
 from ..runtime.distributed import Ranks
 from ..runtime.hostmem import collector_sees_only_new_objects, keep_large_allocations_mmapped
@@ -123,6 +124,8 @@ def _prune_on_ranks(config: PruneConfig, reader: CheckpointReader, device: torch
         config = resolve_expert_groups(config, plan_for, lambda plan: budgets(config, plan, device_free_bytes(device)))
     config = resolve_micro_batch(config, plan_for, len(windows[own_windows]), device.type, device_total_bytes(device))
     config, plan = resolve_activation_store(config, plan_for, device_free_bytes(device))
+    if config.reconstruct != "off":  # the fingerprint records what computed, not "auto"
+        config = config.replaced(recon_dtype=training_dtype(config.recon_dtype, device))
     if asked_micro_batch == "auto" and device.type != "cpu" and not config.quiet:
         print(f"--micro-batch-size auto: {config.micro_batch_size}", file=sys.stderr)
     if asked_groups == "auto" and config.expert_group_size != "auto" and not config.quiet:
