@@ -22,7 +22,7 @@ from .passes import LAYER_KWARGS, Run, advance_inputs, capture, collect
 from .solving import prune_members
 from .quantization import BlockQuantizer
 from .reconstruction import BlockReconstruction
-from .report import module_stats
+from .report import matrix_entries, module_stats
 
 
 def prune_blocks(run: Run, windows: torch.Tensor) -> None:
@@ -111,11 +111,8 @@ def _commit_behind(run: Run, index: int, block: nn.Module, matrices: dict[str, M
     config, state = run.config, run.state
     prefix = run.streamed.block_prefix(index)
     # Counted in the dtype they are written in; every other weight matrix of the block counts in the totals too.
-    stats = {name: {**module_stats(m.weight, config.nm if name in chosen else None,
-                                   run.streamed.stored_dtype(prefix, m)),
-                    "kind": m.kind} for name, m in matrices.items()}
-    modules = {prefix + n: {**stats[n], "rule": run.method.rule(n), **method_info.get(n, {})} for n in chosen}
-    unpruned = {prefix + n: stats[n] for n in matrices if n not in chosen}
+    modules, unpruned = matrix_entries(prefix, matrices, chosen, run.method.rule, method_info, config.nm,
+                                       lambda m: run.streamed.stored_dtype(prefix, m))
     unpruned.update({prefix + n: {**module_stats(w.detach().cpu(), None), "kind": "other"}
                      for n, w in other_weights(block, matrices).items() if not w.is_meta})  # meta: expert groups
     tensors = fp8_stored(fp8_written(run.reader, config), run.streamed.block_tensors(index))

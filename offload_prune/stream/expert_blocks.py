@@ -20,7 +20,7 @@ from ..model.expert_groups import ExpertsTakenOver, GroupedBlock, bind_matrices,
 from ..model.matrices import Matrix, feed_experts
 from .output import fp8_stored, fp8_written, read_written
 from .passes import Run, collect, counting
-from .report import module_stats
+from .report import matrix_entries
 from .solving import prune_members
 
 #: Manifest field: per block being pruned in groups, the groups already committed.
@@ -94,10 +94,8 @@ def _prune_group(run: Run, index: int, grouped: GroupedBlock, number: int, matri
                              routing.to(device), weights.to(device), first)
         info.update(prune_members(run, members, tokens, sparsity))
     prefix = streamed.block_prefix(index)
-    stats = {name: {**module_stats(m.weight, config.nm if name in chosen else None, streamed.stored_dtype(prefix, m)),
-                    "kind": m.kind} for name, m in bound.items()}
-    modules = {prefix + n: {**stats[n], "rule": method.rule(n), **info.get(n, {})} for n in bound if n in chosen}
-    unpruned = {prefix + n: stats[n] for n in bound if n not in chosen}
+    modules, unpruned = matrix_entries(prefix, bound, chosen, method.rule, info, config.nm,
+                                       lambda m: streamed.stored_dtype(prefix, m))
     dense = experts.to_checkpoint(streamed, {name: p.detach() for name, p in group._parameters.items()
                                              if name in params}, first, end)
     tensors = fp8_stored(fp8_written(run.reader, config),

@@ -90,16 +90,19 @@ def read_written(run: Run, names: list[str]) -> dict[str, torch.Tensor]:
     """Tensors this run has written (under the input's names), read back from the output folder as the
     input's reader reads them: FP8 weights dense, beside no scale."""
     fp8, files = fp8_written(run.reader, run.config), run.layout.weight_map()
-    out = {}
+    wanted = {}  # (input name, part) -> the name written
     for name in names:
-        parts = fp8.parts[name] if fp8 is not None and name in fp8.parts else {"weight": name}
-        stored = {}
-        for part, stored_name in parts.items():
-            written = name[:-len("weight")] + part if part != "weight" else name
-            with safe_open(run.state.save / files[written], framework="pt", device="cpu") as handle:
-                stored[part] = handle.get_tensor(written)
-        out[name] = fp8.convert(stored) if len(parts) > 1 else stored["weight"]
-    return out
+        for part in (fp8.parts[name] if fp8 is not None and name in fp8.parts else {"weight": name}):
+            wanted[name, part] = name[:-len("weight")] + part if part != "weight" else name
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for key, written in wanted.items():
+        by_file.setdefault(files[written], []).append(key)
+    stored: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    for file, keys in by_file.items():  # each shard opened once
+        with safe_open(run.state.save / file, framework="pt", device="cpu") as handle:
+            for name, part in keys:
+                stored[name][part] = handle.get_tensor(wanted[name, part])
+    return {name: fp8.convert(parts) if len(parts) > 1 else parts["weight"] for name, parts in stored.items()}
 
 
 def packed_parts(streamed: StreamedModel, index: int, grid: Grid) -> dict[str, dict[str, int]]:

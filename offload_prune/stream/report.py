@@ -1,12 +1,13 @@
 """Measuring a run (sparsity per module, phase times, peak memory) and telling the user."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..basics import format_bytes
 from ..evaluation.tasks import format_task_table
 from ..runtime.masks import chunks_of, nm_holds
-
 
 
 def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None, written_as: torch.dtype | None = None) -> dict:
@@ -29,6 +30,18 @@ def module_stats(weight: torch.Tensor, nm: tuple[int, int] | None, written_as: t
     if nm is not None:
         stats["nm_valid"] = checks_nm and bool(valid)
     return stats
+
+
+def matrix_entries(prefix: str, matrices: dict, chosen: dict, rule: Callable[[str], str],
+                   method_info: dict[str, dict], nm: tuple[int, int] | None,
+                   written_as: Callable[[object], torch.dtype | None]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The report's entries of a block's (or an expert group's) weight matrices, under `prefix`: the pruned
+    ones (in `chosen`) with their rule and what the method said of them, and the others apart; each counted
+    as `written_as(matrix)` stores it."""
+    stats = {name: {**module_stats(m.weight, nm if name in chosen else None, written_as(m)), "kind": m.kind}
+             for name, m in matrices.items()}
+    pruned = {prefix + n: {**stats[n], "rule": rule(n), **method_info.get(n, {})} for n in matrices if n in chosen}
+    return pruned, {prefix + n: stats[n] for n in matrices if n not in chosen}
 
 
 def totals(modules: dict[str, dict], unpruned: dict[str, dict]) -> dict[str, dict]:
