@@ -136,11 +136,11 @@ def _reconstruction_flags(parser: argparse.ArgumentParser) -> None:
           help="after the mask, train each block's kept weights to match its dense output: the whole block at "
                "once (block), or its attention and its MLP one after the other (sublayer: less memory); "
                "default off")
-    _flag(parser, "recon-target", default="dense-block", choices=RECON_TARGETS,
-          help="what the reconstruction matches: the dense block on the same inputs (dense-block, default), or "
-               "the dense model's own hidden states, carried in a second activation cache (dense-stream)")
+    _flag(parser, "recon-target", default="dense-stream", choices=RECON_TARGETS,
+          help="what the reconstruction matches: the dense model's own hidden states, carried in a second "
+               "activation cache (dense-stream, default), or the dense block on the same inputs (dense-block)")
     _flag(parser, "recon-steps", type=int, default=64, help="optimiser steps per block or sub-layer (default 64)")
-    _flag(parser, "recon-batch", type=int, default=2, help="calibration windows per step (default 2)")
+    _flag(parser, "recon-batch", type=int, default=1, help="calibration windows per step (default 1)")
     _flag(parser, "recon-lr", type=float, default=1e-3,
           help="learning rate, on a cosine to zero over the steps (default 1e-3)")
     _flag(parser, "recon-optimizer", default="adam", choices=RECON_OPTIMIZERS,

@@ -62,8 +62,8 @@ def test_mask_kept_exactly_and_reported_errors_are_the_written_models(tiny_llama
 
 
 @pytest.mark.parametrize("extra", [
-    ("--reconstruct", "sublayer"),
-    ("--reconstruct", "block", "--recon-target", "dense-stream", "--offload-activations", "disk"),
+    ("--reconstruct", "sublayer", "--recon-target", "dense-block"),
+    ("--reconstruct", "block", "--recon-target", "dense-block", "--offload-activations", "disk"),
     ("--reconstruct", "sublayer", "--recon-target", "dense-stream", "--recon-optimizer", "sgd", "--recon-lr", "1e-2"),
 ])
 def test_modes_and_targets_lower_the_error_and_keep_the_zeros(tiny_llama, tmp_path, extra):
