@@ -43,10 +43,13 @@ TIMED_PHASES = ("calibration", "owl", "capture", "prune", "write")
 
 
 def parse_options(items: list[str]) -> dict:
-    """key=value PruneConfig options from a bench row, numbers parsed."""
+    """key=value PruneConfig options from a bench row, numbers and True/False parsed."""
     options = {}
     for item in items:
         key, value = item.split("=", 1)
+        if value in ("True", "False"):
+            options[key] = value == "True"
+            continue
         for kind in (int, float):
             try:
                 value = kind(value)
