@@ -103,7 +103,7 @@ def prune_with_obs(weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor
             column = block[:, j]
             kept = column.masked_fill(mask[:, j], 0) if rounder is None else rounder(block, ~mask, j, start + j)
             err = (column - kept) / u_diag[j]
-            block[:, j:] -= err[:, None] * u[j, j:][None, :]
+            block[:, j:].sub_(torch.outer(err, u[j, j:]))
             block[:, j] = kept  # exact zeros, not the rounding residue of the update
             err_block[:, j] = err
         w[:, start:end] = block

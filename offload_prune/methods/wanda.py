@@ -6,6 +6,8 @@ GPU in float32 (consumer GPUs run float64 at a small fraction of their speed).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..model.matrices import Matrix
@@ -22,23 +24,30 @@ class Wanda(ScoreMaskMethod):
     def __init__(self, config):
         super().__init__(config)
         self.sum_squares: dict[str, torch.Tensor] = {}
+        # q/k/v (and gate/up) are handed one tensor in turn: its squares are summed once. A weak
+        # reference, so that the input is not kept alive past the forward that made it.
+        self._last: tuple[weakref.ref, torch.Tensor] | None = None
 
     def add_batch(self, name: str, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1])
-        x = x.to(statistics_dtype(x.device))
-        squares = (x * x).sum(dim=0)
+        if self._last is None or self._last[0]() is not inputs:
+            x = inputs.reshape(-1, inputs.shape[-1])
+            x = x.to(statistics_dtype(x.device))
+            self._last = (weakref.ref(inputs), (x * x).sum(dim=0))
+        squares = self._last[1]
         if name in self.sum_squares:
             self.sum_squares[name] += squares
         else:
-            self.sum_squares[name] = squares
+            self.sum_squares[name] = squares.clone()
 
     def reduce_statistics(self, ranks: Ranks, linears: dict[str, Matrix]) -> None:
+        self._last = None
         def empty(name: str) -> torch.Tensor:
             device = linears[name].weight.device
             return torch.zeros(linears[name].in_features, device=device, dtype=statistics_dtype(device))
         ranks.sum_named(self.sum_squares, list(linears), empty)
 
     def discard(self, names: list[str]) -> None:
+        self._last = None
         for name in names:
             self.sum_squares.pop(name, None)
 
