@@ -175,6 +175,23 @@ def test_compensated_sum_rounds_what_a_plain_float64_sum_loses():
     assert float(rounded[0, 1]) == float(plain[0, 1]) == 1 + 2 ** -12  # 2^-60 is far below half a step here
 
 
+@pytest.mark.parametrize("size", [5, 128, 300])
+def test_float32_hessian_summed_below_the_diagonal_is_the_whole_symmetric_sum(size):
+    """The float32 sum computes only each row block's columns up to its diagonal block; rounded, it is the
+    whole x^T x: symmetric, and within float32 rounding of the float64 product (sizes below, at and over
+    one block, windows added in two micro-batches)."""
+    torch.manual_seed(0)
+    windows = torch.randn(3, 40, size)
+    method = make_method()
+    for batch in (windows[:2], windows[2:]):
+        method.add_batch("fc", batch, torch.zeros(1))
+    hessian = method.hessians["fc"].rounded()
+    x = windows.reshape(-1, size).double()
+    bound = 1e-5 * (x.abs().T @ x.abs())
+    assert hessian.dtype == torch.float32 and torch.equal(hessian, hessian.T)
+    assert ((hessian.double() - x.T @ x).abs() <= bound).all()
+
+
 def test_rank_deficient_input_is_retried_with_more_damping():
     layer = nn.Linear(64, 16, bias=False)
     low_rank = torch.randn(1, 8, 4) @ torch.randn(4, 64)  # rank 4 < 64 columns

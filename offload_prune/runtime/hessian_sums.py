@@ -106,6 +106,8 @@ class Float32Sum:
         the object to hold the only reference)."""
         for rows in self._row_blocks():
             self.total[rows, rows.stop:].copy_(self.total[rows.stop:, rows].T)
+            diagonal = self.total[rows, rows]
+            diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
         return self.total
 
 
