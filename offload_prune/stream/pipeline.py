@@ -79,7 +79,10 @@ def prune(config: PruneConfig) -> dict:
     device = pick_device(config.device)
     ranks = Ranks.from_environment(device)
     try:
-        return _prune_on_ranks(config, reader, ranks.device(device), ranks)
+        # Everything alive now (torch, transformers, the tokenizer's modules) is out of the collector's
+        # sight for the run: each phase's and each block's full collection then scans only what the run made.
+        with collector_sees_only_new_objects():
+            return _prune_on_ranks(config, reader, ranks.device(device), ranks)
     finally:
         ranks.close()
 
@@ -245,11 +248,10 @@ def _prune_and_write(run: Run, windows: torch.Tensor) -> None:
                if run.given_sparsities is None and state.manifest["layer_sparsity"] is None else "")
         print(f"resuming {state.save}: {state.completed_blocks} of {run.streamed.num_layers} blocks already done{owl}",
               file=sys.stderr)
-    with collector_sees_only_new_objects():  # the collection after each block then costs little
-        if run.method.removes_blocks:
-            remove_blocks(run, windows)
-        else:
-            prune_blocks(run, windows)
+    if run.method.removes_blocks:
+        remove_blocks(run, windows)
+    else:
+        prune_blocks(run, windows)
     run.store.release()  # the write and evaluation phases are planned without the calibration activations
     if not state.manifest["finalized"] and run.ranks.lead:
         with meter("write"):
