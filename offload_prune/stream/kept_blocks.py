@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 from ..model.matrices import find_matrices
 from ..model.skeleton import run_windows
 from ..runtime.hostmem import release_free_memory
-from ..surgery.block_removal import renumbered
-from .output import fp8_stored, fp8_written
+from .output import write_kept_block
 from .passes import LAYER_KWARGS, Run, advance_inputs, capture
 from .reconstruction import BlockReconstruction
 
@@ -87,9 +86,7 @@ def _stand_in(run: Run, reconstruction: BlockReconstruction, new: int, old: int,
     # Untrained, or not better trained: the stored bytes, as the plain copy writes them.
     tensors = (streamed.block_tensors(old) if report is not None and report["kept"]
                else run.reader.read(streamed.block_names(old)))
-    tensors = fp8_stored(fp8_written(run.reader, config), tensors)
-    outputs = run.layout.write_unit(1 + new, state.save,
-                                    {renumbered(name, old, new): tensor for name, tensor in tensors.items()})
+    outputs = write_kept_block(run, old, new, tensors)
     recorded = ({"reconstruction": {**state.manifest.get("reconstruction", {}), str(new): report}}
                 if report is not None else {})
     state.commit(outputs=outputs, stage=new, completed_blocks=new + 1,

@@ -41,6 +41,14 @@ def fp8_stored(fp8: BlockFP8Weights | None, tensors: dict[str, torch.Tensor]) ->
     return out
 
 
+def write_kept_block(run: Run, old: int, new: int, tensors: dict[str, torch.Tensor]) -> dict:
+    """Block `old`'s tensors written as the output's block `new` (renamed, FP8 kept as the output stores
+    it); returns the unit's output records for the commit."""
+    stored = fp8_stored(fp8_written(run.reader, run.config), tensors)
+    return run.layout.write_unit(1 + new, run.state.save,
+                                 {renumbered(name, old, new): tensor for name, tensor in stored.items()})
+
+
 def output_layout(streamed: StreamedModel, head: LmHead | None, kept: list[int] | None = None,
                   grid: Grid | None = None, fp8: BlockFP8Weights | None = None,
                   expert_groups: dict[int, list[list[str]]] | None = None) -> ShardLayout:

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from ..disk import durable
 from ..surgery.block_removal import (AngularWindow, InfluenceMeter, contiguous_run, lowest_influence,
-                                     removal_for_budget, renumbered)
-from .output import fp8_stored, fp8_written, output_config, output_layout
+                                     removal_for_budget)
+from .output import fp8_written, output_config, output_layout, write_kept_block
 from .kept_blocks import reconstruct_kept
 from .passes import Run, capture, dense_pass
 
@@ -49,9 +49,7 @@ def remove_blocks(run: Run, windows: torch.Tensor) -> None:
             for new in tqdm(range(state.completed_blocks, len(kept)), desc="blocks kept", disable=run.config.quiet,
                             initial=state.completed_blocks, total=len(kept)):
                 old = kept[new]
-                tensors = fp8_stored(fp8_written(run.reader, run.config), run.reader.read(streamed.block_names(old)))
-                renamed = {renumbered(name, old, new): tensor for name, tensor in tensors.items()}
-                outputs = run.layout.write_unit(1 + new, state.save, renamed)
+                outputs = write_kept_block(run, old, new, run.reader.read(streamed.block_names(old)))
                 state.commit(outputs=outputs, stage=new, completed_blocks=new + 1)
 
 
