@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import gc
 from typing import Iterator
 
@@ -30,21 +30,21 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 TRIM_THRESHOLD_BYTES = 128 << 10
 
 
-def _libc():
-    name = ctypes.util.find_library("c")
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library already loaded in the process, when it has glibc's mallopt and malloc_trim. Looked up
+    once: it is asked around every pass of windows, and ctypes.util.find_library ran ldconfig each time."""
     try:
-        return ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def keep_large_allocations_mmapped() -> bool:
     """True when glibc accepted the setting; a no-op elsewhere (macOS, musl)."""
     libc = _libc()
-    try:
-        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except AttributeError:
-        return False
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 #: While the windows run through a block on the CPU, its temporaries (hidden states, MLP intermediates,
@@ -82,11 +82,8 @@ def release_free_memory() -> None:
     a finished phase freed does not stay in the RSS the next phase starts from."""
     gc.collect()
     libc = _libc()
-    try:
-        if libc:
-            libc.malloc_trim(0)
-    except AttributeError:
-        pass
+    if libc:
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
