@@ -55,12 +55,12 @@ def _stand_in(run: Run, reconstruction: BlockReconstruction, new: int, old: int,
     block's inputs."""
     config, streamed, state = run.config, run.streamed, run.state
     removed = [index for index in span if index != old]
-    # Until the first removed block both streams are the same: the dense one is carried, nothing trains.
-    carried = config.recon_target == "dense-stream" or len(removed) > 0
+    # Until the first removed block both streams are the same: nothing trains, and the dense stream starts
+    # at the first gap from the pruned stream's inputs (span[0] == new: no block removed before this span).
     trains = len(removed) > 0 or (config.recon_target == "dense-stream" and old > new)
     block = None
-    if carried:
-        reconstruction.start_target(new, inputs)
+    if trains:
+        reconstruction.start_target(new, inputs, streams_equal=span[0] == new)
         for index in span:  # one block at a time; the kept one is read again when blocks after it ran
             loaded = streamed.load_block(index)
             reconstruction.target_through(loaded, layer_kwargs[index], last=index == span[-1])
@@ -82,7 +82,8 @@ def _stand_in(run: Run, reconstruction: BlockReconstruction, new: int, old: int,
         run_windows(block, layer_kwargs[old], inputs, run.store.output_buffer(new + 1), config.micro_batch_size,
                     run.device, run.store.written)
     next_inputs = {} if last else advance_inputs(run, new + 1)()
-    next_inputs.update(reconstruction.next_inputs(new)())
+    if trains:
+        next_inputs.update(reconstruction.next_inputs(new)())
     # Untrained, or not better trained: the stored bytes, as the plain copy writes them.
     tensors = (streamed.block_tensors(old) if report is not None and report["kept"]
                else run.reader.read(streamed.block_names(old)))

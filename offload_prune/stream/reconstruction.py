@@ -49,17 +49,18 @@ class BlockReconstruction:
         if self.dense_stream is None and self.run.config.reconstruct == "sublayer":
             self._dense = {n: p.detach().clone() for n, p in block.named_parameters()}
 
-    def start_target(self, index: int, inputs: torch.Tensor) -> None:
+    def start_target(self, index: int, inputs: torch.Tensor, streams_equal: bool = False) -> None:
         """Begin the target of the block at `index` (of the output) whose pruned-stream inputs are `inputs`:
         the dense blocks that target_through runs next start from those inputs (`dense-block`) or from the
-        dense stream's hidden states at the same place (`dense-stream`)."""
+        dense stream's hidden states at the same place (`dense-stream`); those are `inputs` too at the first
+        block, or where the caller says nothing before changed the stream (`streams_equal`)."""
         if self.dense_stream is None:
             self._source, self._target = inputs, self.buffer.tensor()
             return
         self.run.writer.wait()  # the previous commit persists the dense cache, which these outputs overwrite
         store = self.dense_stream
-        if index == 0:  # both streams start from the same embedding outputs
-            self._source, self._target = inputs, store.create(1)
+        if index == 0 or streams_equal:
+            self._source, self._target = inputs, store.create(index + 1)
         else:
             self._source = store.tensor if store.tensor is not None else store.open(index)
             self._target = store.output_buffer(index + 1)
