@@ -2,12 +2,14 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from offload_prune.demo import make_checkpoint
 
@@ -90,3 +92,16 @@ class CrashWorker:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=60)
+
+
+def with_quiet_blocks(model, folder, blocks, scale=0.2):
+    """A copy of `model` whose `blocks` barely change the hidden states (their output projections scaled
+    down): the blocks ShortGPT removes, with kept blocks on both sides of them."""
+    shutil.copytree(model, folder)
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in tensors:
+            if any(f"layers.{b}." in name for b in blocks) and name.endswith(("o_proj.weight", "down_proj.weight")):
+                tensors[name] = tensors[name] * scale
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return folder

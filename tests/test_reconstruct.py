@@ -1,7 +1,6 @@
 """Block-local reconstruction (--reconstruct): the mask stays exactly, the reported errors are what the
 written model computes, a failed or useless training leaves the pruned weights, and the plan holds."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from offload_prune.reconstruct import train as train_module
 from offload_prune.reconstruct.units import trained_parameters, training_units
 from offload_prune.model.loading import load_tokenizer
 
-from conftest import folder_digests, quick_args, read_all_tensors
+from conftest import folder_digests, quick_args, read_all_tensors, with_quiet_blocks
 from families import build_family
 
 
@@ -133,20 +132,6 @@ def test_a_non_finite_loss_or_no_gain_writes_the_pruned_blocks_unchanged(tiny_ll
     assert folder_digests(tmp_path / "worse") == folder_digests(tmp_path / "plain")
     assert all(not e["kept"] and e["error_trained"] > e["error_before"]
                for e in report["reconstruction"]["blocks"].values())
-
-
-def with_quiet_blocks(model, folder, blocks, scale=0.2):
-    """A copy of `model` whose `blocks` barely change the hidden states (their output projections scaled
-    down): the blocks ShortGPT removes, with kept blocks on both sides of them."""
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(model, folder)
-    for shard in folder.glob("*.safetensors"):
-        tensors = load_file(shard)
-        for name in tensors:
-            if any(f"layers.{b}." in name for b in blocks) and name.endswith(("o_proj.weight", "down_proj.weight")):
-                tensors[name] = tensors[name] * scale
-        save_file(tensors, shard, metadata={"format": "pt"})
-    return folder
 
 
 def hidden_states(folder, text, nsamples=4, seqlen=32) -> tuple:

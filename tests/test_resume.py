@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import CrashWorker, folder_digests
+from conftest import CrashWorker, folder_digests, with_quiet_blocks
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +166,18 @@ def test_reconstruction_killed_at_every_other_step_then_resumed_is_identical(res
     assert any("acts_00002.dense.bin" in step for step in steps)
 
 
-def test_shortgpt_reconstruction_killed_every_few_steps_then_resumed_is_identical(resume_model, prune_args, worker,
-                                                                                  tmp_path):
+def test_shortgpt_reconstruction_killed_every_few_steps_then_resumed_is_identical(checkpoint_factory, prune_args,
+                                                                                  worker, tmp_path):
     """ShortGPT with --reconstruct: the kept blocks trained one committed stage each, the dense stream carried
-    beside them, resume to the same bytes from every third step and each of the last twelve."""
-    args = lambda save: prune_args(resume_model, save, "--prune_method", "shortgpt", "--remove-layers", 1,  # noqa: E731
+    beside them from the removed block on (block 1 of 4: kept block 2 stands in for it, then block 3 trains on
+    the dense stream), resume to the same bytes from every third step and each of the last twelve."""
+    model = with_quiet_blocks(checkpoint_factory(num_layers=4, hidden=64, intermediate=128, max_shard_size="40KB"),
+                              tmp_path / "model", [1])
+    args = lambda save: prune_args(model, save, "--prune_method", "shortgpt", "--remove-layers", 1,  # noqa: E731
                                    "--reconstruct", "block", "--recon-target", "dense-stream", "--recon-steps", 4)
     steps = swept_identical(worker, args, tmp_path, "shortgpt reconstruction", every(3))
-    assert any("acts_00001.dense.bin" in step for step in steps)
+    assert json.loads((tmp_path / "uninterrupted" / "report.json").read_text())["block_removal"]["removed"] == [1]
+    assert any("acts_00002.dense.bin" in step for step in steps)
 
 
 def test_quantized_run_killed_at_every_step_then_resumed_is_identical(resume_model, prune_args, worker, tmp_path):
