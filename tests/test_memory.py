@@ -50,3 +50,24 @@ def test_windows_through_a_block_fault_in_its_temporaries_once_not_per_window():
         pytest.skip("glibc's mallopt is not available here")
     print(f"page faults: {faults['4']} for 4 windows, {faults['64']} for 64")
     assert faults["64"] < 2 * faults["4"]
+
+
+def test_a_run_leaves_what_the_process_froze_frozen_and_freezes_nothing_for_good(tiny_llama, tmp_path):
+    """The run keeps torch's and transformers' objects out of the collector's sight while it runs; afterwards
+    the process's frozen set is what it was: none, or what the process froze itself (not handed back)."""
+    import gc
+
+    import offload_prune
+    from conftest import quick_args
+    args = quick_args(tiny_llama, tmp_path / "a")
+    options = dict(calib_data=args[args.index("--calib-data") + 1], nsamples=4, seqlen=32, quiet=True)
+    gc.unfreeze()
+    offload_prune.prune(tiny_llama, tmp_path / "a", **options)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    try:
+        offload_prune.prune(tiny_llama, tmp_path / "b", **options)
+        assert frozen - 100 <= gc.get_freeze_count() <= frozen  # still frozen (reference counting frees a few)
+    finally:
+        gc.unfreeze()
