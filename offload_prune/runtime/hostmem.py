@@ -53,8 +53,8 @@ def keep_large_allocations_mmapped() -> bool:
 FORWARD_MMAP_THRESHOLD_BYTES = 32 << 20
 #: ... and the heap is not trimmed while they run: at the default threshold every free at the top of a
 #: heap (each thread has its own) gave its pages back and the next allocation faulted them in again:
-#: 4.9 million page faults and 10 s of system time in a 56 s streamed Wanda run on SmolLM2 (0.8 million
-#: and 2.5 s without). The trim after the windows hands everything back.
+#: 4.9 million page faults and 10 s of system time in a 56 s streamed Wanda run on SmolLM2 (1.0 million
+#: and 2.7 s without). The trim after the windows hands everything back.
 FORWARD_TRIM_THRESHOLD_BYTES = 1 << 30  # mallopt takes a C int
 
 
